@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up ./.venv and runs the demo: distills the bundled toy teacher into a 4-step LoRA, writes outputs/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS=test bash scripts/setup_env.sh
+. .venv/bin/activate
+dmd2 demo "$@"

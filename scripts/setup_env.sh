@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates ./.venv with everything comfy-dmd2 needs (idempotent). CPU torch by default; set TORCH_SPEC to choose
+# another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+if ! python -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  python -m pip install -q ${TORCH_SPEC:-torch==2.13.0} 2>&1 | grep -v '^WARNING: Location' || true
+fi
+python -m pip install -q -e ".[${EXTRAS:-test}]" 2>&1 | grep -v '^WARNING: Location' || true
+python -c "import torch, diffusers, peft, transformers" || { echo "setup failed: see pip's output above" >&2; exit 1; }
