@@ -14,8 +14,6 @@ COMMANDS = {
     "generate": "Sample the student (or the teacher) to a PNG",
     "export": "Re-export a trained LoRA, or merge it into a single-file checkpoint",
     "demo": "Distill the bundled toy teacher and write outputs/demo/",
-    "ui": "Start the Gradio app",
-    "push": "Publish a LoRA with its model card to the Hugging Face Hub",
 }
 
 
