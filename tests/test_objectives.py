@@ -1,0 +1,54 @@
+"""The DMD2 objectives against hand computation."""
+import torch
+
+from trainer import objectives as obj
+
+
+def test_dmd_gradient_normalises_per_sample():
+    x = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]])  # [2,1,1,2]
+    p_real = torch.tensor([[[[0.0, 1.0]]], [[[2.0, -2.0]]]])
+    p_fake = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]]])
+    # sample 0: mean|x - p_real| = (1 + 2) / 2 = 1.5 ; sample 1: (2 + 2) / 2 = 2
+    expected = torch.tensor([[[[1 / 1.5, 0.0]]], [[[-1.0, 1.0]]]])
+    torch.testing.assert_close(obj.dmd_gradient(x, p_real, p_fake), expected)
+
+
+def test_dmd_loss_value_and_gradient():
+    x = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]], requires_grad=True)
+    p_real = torch.tensor([[[[0.0, 1.0]]], [[[2.0, -2.0]]]])
+    p_fake = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]]])
+    grad = obj.dmd_gradient(x.detach(), p_real, p_fake)
+    loss = obj.dmd_loss(x, p_real, p_fake)
+    # 0.5 * mean((x - (x - g))^2) = 0.5 * mean(g^2)
+    torch.testing.assert_close(loss, 0.5 * (grad**2).mean())
+    loss.backward()
+    # d/dx 0.5 * mean((x - c)^2) = (x - c) / N = g / N
+    torch.testing.assert_close(x.grad, grad / x.numel())
+
+
+def test_dmd_gradient_zero_weight_is_finite():
+    x = torch.zeros(1, 1, 2, 2)
+    g = obj.dmd_gradient(x, x.clone(), torch.ones_like(x))
+    assert torch.isfinite(g).all()
+
+
+def test_gan_losses_by_hand():
+    fake = torch.tensor([0.0, 2.0])
+    real = torch.tensor([1.0, -1.0])
+    sp = lambda v: torch.log1p(torch.exp(torch.tensor(v)))  # noqa: E731
+    torch.testing.assert_close(obj.gan_student_loss(fake), (sp(-0.0) + sp(-2.0)) / 2)
+    expected = (sp(0.0) + sp(2.0)) / 2 + (sp(-1.0) + sp(1.0)) / 2
+    torch.testing.assert_close(obj.gan_critic_loss(fake, real), expected)
+
+
+def test_critic_denoising_loss_is_mse():
+    pred, target = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 0.0, 0.0])
+    torch.testing.assert_close(obj.critic_denoising_loss(pred, target), torch.tensor((0 + 4 + 9) / 3))
+
+
+def test_timestep_window_and_sampling_bounds():
+    assert obj.dmd_timestep_range(1000) == (20, 980)
+    g = torch.Generator().manual_seed(0)
+    t = obj.sample_timesteps(10_000, 20, 980, g)
+    assert t.min() >= 20 and t.max() <= 980 and t.dtype == torch.int64
+    assert t.min() == 20 and t.max() == 980  # inclusive at both ends

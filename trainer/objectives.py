@@ -1,0 +1,49 @@
+"""DMD2's objectives as pure functions of tensors (no models, no optimisers): easy to read and to unit-test.
+
+Notation: ``x`` is the student's sample (x0 space, latents), ``p_real`` / ``p_fake`` the teacher's and the
+critic's x0 predictions at a re-noised copy of ``x``. Yin et al. 2024 (DMD2), section 4 and appendix.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def dmd_gradient(x: Tensor, p_real: Tensor, p_fake: Tensor) -> Tensor:
+    """The distribution-matching direction ``(p_fake - p_real)``, normalised per sample by the mean absolute
+    distance between the sample and the teacher's prediction (DMD's weighting; keeps the step size scale-free)."""
+    dims = tuple(range(1, x.ndim))
+    weight = (x - p_real).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((p_fake - p_real) / weight)
+
+
+def dmd_loss(x: Tensor, p_real: Tensor, p_fake: Tensor) -> Tensor:
+    """A surrogate whose gradient w.r.t. ``x`` is ``dmd_gradient / x.numel()``: ``0.5 * mse(x, sg(x - grad))``."""
+    grad = dmd_gradient(x.detach(), p_real.detach(), p_fake.detach())
+    return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
+
+
+def critic_denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """The fake score's regular diffusion loss on (detached) student samples: MSE to the eps or v target."""
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def gan_student_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss: ``softplus(-D(G(z)))``."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gan_critic_loss(fake_logits: Tensor, real_logits: Tensor) -> Tensor:
+    """Discriminator loss: ``softplus(D(fake)) + softplus(-D(real))``."""
+    return F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean()
+
+
+def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator, device=None) -> Tensor:
+    """Integer timesteps uniform in [low, high] (inclusive)."""
+    return torch.randint(low, high + 1, (batch,), generator=generator, device=generator.device).to(device)
+
+
+def dmd_timestep_range(num_train_timesteps: int, min_fraction: float = 0.02, max_fraction: float = 0.98) -> tuple[int, int]:
+    """DMD's window for the distribution-matching loss: [0.02 T, 0.98 T] (20..980 for T = 1000)."""
+    return int(min_fraction * num_train_timesteps), int(max_fraction * num_train_timesteps)
