@@ -43,7 +43,10 @@ def sigma_to_timestep(sigma: Tensor, schedule_sigmas: Tensor) -> Tensor:
     low = (dists >= 0).cumsum(1).argmax(1).clamp(max=log_table.shape[0] - 2)
     high = low + 1
     w = ((log_table[low] - log_sigma) / (log_table[low] - log_table[high])).clamp(0, 1)
-    return ((1 - w) * low + w * high).reshape(sigma.shape).to(sigma.dtype)
+    t = (1 - w) * low + w * high
+    # A table sigma that went through float32 lands within ~1e-4 of its integer timestep: snap it back.
+    t = torch.where((t - t.round()).abs() < 1e-3, t.round(), t)
+    return t.reshape(sigma.shape).to(sigma.dtype)
 
 
 def initial_latent(noise: Tensor, sigma: float | Tensor, latent: Tensor | None = None) -> Tensor:

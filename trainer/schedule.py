@@ -98,3 +98,16 @@ def output_to_eps(schedule: NoiseSchedule, output: Tensor, x_t: Tensor, t: Tenso
     s, n = schedule.coefficients(t, x_t)
     return (n * x_t.double() + s * output.double()).to(output.dtype)
 
+
+
+def ve_output_to_x0(output: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """The UNet's output -> x0 in the VE form used by the samplers: ``x = x0 + sigma * eps`` and the UNet saw
+    ``x / sqrt(1 + sigma^2)``. Works for any (also fractional) sigma, since ``a = 1 / (1 + sigma^2)``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
+    out, xd = output.double(), x.double()
+    if prediction_type == "epsilon":
+        x0 = xd - sigma * out
+    else:  # v: x0 = sqrt(a) * x_in - sqrt(1 - a) * v, with x_in = x * sqrt(a)
+        a = 1.0 / (1.0 + sigma**2)
+        x0 = a * xd - (1 - a).sqrt() * out
+    return x0.to(output.dtype)

@@ -1,0 +1,222 @@
+"""The training configuration: nested dataclasses, loaded from YAML, overridden with ``--set a.b=value``.
+
+The top-level keys (``model``, ``prompts``, ``images``, ``output_dir``, ``steps``, ``resolution``, ``batch_size``,
+``seed``, ``student.timesteps``, ``lora.rank``, ``lora.alpha``, ``critic``, ``checkpoint_every``, ``validate_every``)
+are a user-facing interface: keep them stable. Defaults follow DMD2's SDXL release unless a comment says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class StudentConfig:
+    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # [399] for a 1-step student
+    backward_simulation: bool = True  # train step k on the current student's own k-step samples
+    update_every: int = 5  # two time-scale rule: the critic updates every iteration, the student every 5th
+    lr: float = 5e-5
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 64
+    alpha: float = 8.0
+    critic_rank: int | None = None  # default: same as the student
+    critic_alpha: float | None = None
+
+
+@dataclass
+class DMDConfig:
+    guidance_scale: float = 8.0  # teacher CFG inside the DMD loss
+    uncond: str = "zeros"  # "zeros" (DMD2's reference: all-zero prompt and pooled embeddings) or "empty_prompt"
+    min_t: float = 0.02
+    max_t: float = 0.98
+    critic_lr: float = 5e-5
+
+
+@dataclass
+class GANConfig:
+    real_data: str = "auto"  # "images" (needs `images`), "teacher" (generate teacher samples), "none", or "auto"
+    student_weight: float = 5e-3
+    critic_weight: float = 1e-2
+    head_lr: float | None = None  # default: dmd.critic_lr
+    teacher_samples: int = 256  # with real_data: teacher
+    teacher_steps: int = 50
+    teacher_cfg: float = 6.0
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 10.0
+    warmup_steps: int = 500  # linear warm-up, then constant (DMD2's schedule; makes resume-and-extend exact)
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)  # default: the first 4 training prompts
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    teacher_steps: int = 50
+    teacher_cfg: float = 6.0
+
+
+@dataclass
+class DataConfig:
+    skip_unreadable_images: bool = False
+    encode_batch_size: int = 32
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    prompts: str = ""
+    images: str | None = None
+    output_dir: str = "outputs/dmd2"
+    steps: int = 1000
+    resolution: int = 1024
+    batch_size: int = 1
+    seed: int = 0
+    critic: str = "lora"  # "lora" (second adapter on the one UNet) or "full" (trainable copy, like the reference)
+    checkpoint_every: int = 500
+    validate_every: int = 250
+    keep_checkpoints: int = 2
+    prediction_type: str | None = None  # override the loader's detection: "epsilon" or "v_prediction"
+    zero_terminal_snr: bool | None = None
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "no", "bf16", "fp16"
+    allow_pickle: bool = False
+    student: StudentConfig = field(default_factory=StudentConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "TrainConfig":
+        if not self.model:
+            raise ConfigError("no teacher model: set `model` to a .safetensors file, a diffusers folder or a Hub id")
+        if not self.prompts:
+            raise ConfigError("no prompts: set `prompts` to a .txt (one prompt per line) or .jsonl file")
+        if self.critic not in ("lora", "full"):
+            raise ConfigError(f"critic must be 'lora' or 'full', got {self.critic!r}")
+        ts = self.student.timesteps
+        if not ts or any(not 0 <= t < 1000 for t in ts) or list(ts) != sorted(ts, reverse=True) or len(set(ts)) != len(ts):
+            raise ConfigError(f"student.timesteps must be distinct, decreasing and in [0, 999], got {ts}")
+        if self.gan.real_data not in ("auto", "images", "teacher", "none"):
+            raise ConfigError(f"gan.real_data must be auto, images, teacher or none, got {self.gan.real_data!r}")
+        if self.gan.real_data == "images" and not self.images:
+            raise ConfigError("gan.real_data is 'images' but `images` is not set: point it at a folder of images")
+        if self.dmd.uncond not in ("zeros", "empty_prompt"):
+            raise ConfigError(f"dmd.uncond must be 'zeros' or 'empty_prompt', got {self.dmd.uncond!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("steps", "resolution", "batch_size", "checkpoint_every", "validate_every"):
+            if getattr(self, name) < (0 if name.endswith("_every") else 1):
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        return self
+
+    @property
+    def gan_real_data(self) -> str:
+        """The GAN's real data after resolving ``auto``: real images when given, otherwise the GAN is off."""
+        if self.gan.real_data == "auto":
+            return "images" if self.images else "none"
+        return self.gan.real_data
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {where}{unknown[0]}: see `dmd2 train --print-config` for every option")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{f.name} must be a mapping of options, got {value!r}")
+            value = _build(hint, value, f"{where}{f.name}.")
+        kwargs[f.name] = _coerce(value, hint, f"{where}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key):
+    """Light type checking with YAML's natural conversions (an int where a float is expected is fine)."""
+    if dataclasses.is_dataclass(hint) or value is None:
+        return value
+    text = str(hint)
+    if text.startswith("list") and not isinstance(value, list):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if hint in (int, float) or text in ("int | None", "float | None"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value) if "float" in text or hint is float else int(value)
+    if hint is bool or text == "bool | None":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b=value`` -> ``data["a"]["b"] = yaml(value)``."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    data: dict[str, Any] = dict(base or {})
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass --config run.yaml (see `dmd2 train --print-config`)")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the syntax") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of options")
+        # Relative data paths in a config file are relative to that file, as users expect.
+        for key in ("prompts", "images"):
+            if isinstance(loaded.get(key), str) and not Path(loaded[key]).is_absolute() and (path.parent / loaded[key]).exists():
+                loaded[key] = str(path.parent / loaded[key])
+        _deep_update(data, loaded)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return _build(TrainConfig, data)
+
+
+def _deep_update(target: dict, source: dict) -> None:
+    for k, v in source.items():
+        if isinstance(v, dict) and isinstance(target.get(k), dict):
+            _deep_update(target[k], v)
+        else:
+            target[k] = v
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,89 @@
+"""Training data: the prompts file and the optional folder of real images with same-name ``.txt`` captions.
+
+Everything is read and checked before training starts, so a bad file stops the run at once with a one-line error
+instead of halfway through.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from trainer.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (``.txt``) or one JSON object with a ``prompt`` field per line (``.jsonl``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist: set `prompts` to a .txt (one prompt per line) or .jsonl file")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{n} is not a JSON object with a \"prompt\" field: fix that line") from None
+            line = str(prompt).strip()
+        if line:
+            prompts.append(line)
+    if not prompts:
+        raise DataError(f"prompts file {path} has no prompts: put one prompt per line")
+    return prompts
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    caption: str
+
+
+def read_image_folder(folder: str | Path, *, skip_unreadable: bool = False) -> tuple[list[ImageRecord], list[Path]]:
+    """All images in ``folder`` with their captions (``name.txt`` beside ``name.png``; none -> empty caption).
+    Returns (records, unreadable files). Unreadable images stop the run unless ``skip_unreadable``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist: set `images` to a folder of images with same-name .txt captions, or remove it")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add some or remove `images`")
+    records, bad = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            bad.append(f)
+            continue
+        caption_file = f.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+        records.append(ImageRecord(f, caption))
+    if bad and not skip_unreadable:
+        raise DataError(f"cannot read image {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                        + ": replace or delete it, or set data.skip_unreadable_images=true")
+    if not records:
+        raise DataError(f"no readable images in {folder}: add some or remove `images`")
+    return records, bad
+
+
+def load_image(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """RGB image resized (shorter side) and centre-cropped to ``resolution``, in [-1, 1] as [3, H, W].
+    Also returns the original size and the crop's top-left corner, for SDXL's micro-conditioning."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        original = (im.height, im.width)
+        scale = resolution / min(im.size)
+        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.BICUBIC)
+        top, left = (im.height - resolution) // 2, (im.width - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), original, (top, left)

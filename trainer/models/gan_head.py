@@ -1,0 +1,45 @@
+"""DMD2's GAN classifier head, which reads the critic UNet's mid-block features.
+
+As in DMD2 (1280 channels at 32x32 for SDXL at 1024^2): three Conv4x4/s2 + GroupNorm + SiLU, one Conv4x4/s4 + GroupNorm
++ SiLU, then a 1x1 conv to one logit per location, averaged. Sized from the UNet's config so tiny models work: each
+stride-2 stage is kept only while the feature map is still large enough, and the s4 stage becomes a 4x4 conv with
+no stride when the map is already small.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _groups(channels: int) -> int:
+    return max(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+
+
+def _stage(channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, channels, 4, stride, 1 if stride == 2 else 0), nn.GroupNorm(_groups(channels), channels), nn.SiLU())
+
+
+class GANHead(nn.Module):
+    def __init__(self, channels: int, feature_size: int):
+        super().__init__()
+        stages, size = [], feature_size
+        for _ in range(3):  # Conv4x4 stride 2, padding 1: size -> size / 2
+            if size < 8:
+                break
+            stages.append(_stage(channels, 2))
+            size //= 2
+        if size >= 8:
+            stages.append(_stage(channels, 4))  # Conv4x4 stride 4, no padding: size -> (size - 4) / 4 + 1
+        self.body = nn.Sequential(*stages)
+        self.to_logit = nn.Conv2d(channels, 1, 1)
+
+    @classmethod
+    def for_unet(cls, unet, latent_size: int) -> "GANHead":
+        """Head for a diffusers UNet2DConditionModel whose input latents are ``latent_size`` wide."""
+        channels = unet.config.block_out_channels[-1]
+        feature_size = latent_size // 2 ** (len(unet.config.block_out_channels) - 1)
+        return cls(channels, feature_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] mid-block features -> [B] logits."""
+        return self.to_logit(self.body(features)).mean(dim=(1, 2, 3))

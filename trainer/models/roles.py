@@ -1,0 +1,143 @@
+"""Teacher, student and critic over ONE frozen UNet.
+
+The student and the critic ("fake score") are two LoRA adapters on the teacher's UNet; the teacher ("real score")
+is the same UNet with adapters off. Only one copy of the base weights is in memory, which is what makes SDXL
+distillation fit one GPU. ``critic: full`` instead trains a full copy of the UNet as the critic, as DMD2's reference
+does (for comparison; it costs a second UNet plus its optimiser state).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig
+from torch import Tensor, nn
+
+STUDENT, CRITIC = "student", "critic"
+
+# DMD2's LoRA targets: attention, projections, feed-forward, resnet convs, up/down samplers, time embedding.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+@dataclass
+class Conditioning:
+    """SDXL conditioning for a batch: prompt embeds [B,77,D], pooled embeds [B,P], micro-conditioning time ids [B,6]."""
+
+    prompt_embeds: Tensor
+    pooled: Tensor
+    time_ids: Tensor
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return Conditioning(*(v.to(device=device, dtype=dtype) for v in (self.prompt_embeds, self.pooled, self.time_ids)))
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def index(self, idx) -> "Conditioning":
+        return Conditioning(self.prompt_embeds[idx], self.pooled[idx], self.time_ids[idx])
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        return Conditioning(*(torch.cat(v) for v in zip(*((p.prompt_embeds, p.pooled, p.time_ids) for p in parts))))
+
+    def zeros_like(self) -> "Conditioning":
+        """DMD2's unconditional input for CFG: all-zero prompt and pooled embeddings, same time ids."""
+        return Conditioning(torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled), self.time_ids)
+
+
+def unet_forward(unet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    return unet(x, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def unet_mid_features(unet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    """The UNet's forward up to and including the mid block (the GAN head's input); the decoder half is skipped."""
+    added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added)
+    emb = emb + aug if aug is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    h = unet.conv_in(x)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=cond.prompt_embeds)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(h, emb, encoder_hidden_states=cond.prompt_embeds)
+    return unet.mid_block(h, emb)
+
+
+def lora_config(rank: int, alpha: float, targets=LORA_TARGETS) -> LoraConfig:
+    # Gaussian A, zero B: every adapter starts as the identity, so student and critic both start as the teacher.
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), init_lora_weights="gaussian")
+
+
+class DMD2Roles(nn.Module):
+    """Holds the UNet (with adapters), the optional full critic copy and the GAN head; switches between roles."""
+
+    def __init__(self, unet, *, rank: int, alpha: float, critic: str = "lora", critic_rank: int | None = None,
+                 critic_alpha: float | None = None, targets=LORA_TARGETS):
+        super().__init__()
+        unet.requires_grad_(False)
+        self.full_critic = None
+        if critic == "full":
+            self.full_critic = copy.deepcopy(unet).float().requires_grad_(True)
+        elif critic != "lora":
+            raise ValueError(f"critic must be 'lora' or 'full', got {critic!r}")
+        unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=STUDENT)
+        if self.full_critic is None:
+            unet.add_adapter(lora_config(critic_rank or rank, critic_alpha or alpha, targets), adapter_name=CRITIC)
+        self.unet = unet
+        self._activate(STUDENT)
+
+    # -- parameters -------------------------------------------------------------------------------------------
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for n, p in self.unet.named_parameters() if f".{name}." in n and "lora_" in n]
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return self.adapter_parameters(STUDENT)
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.full_critic.parameters()) if self.full_critic is not None else self.adapter_parameters(CRITIC)
+
+    def _activate(self, name: str):
+        # diffusers' set_adapter also flips requires_grad so that only the active adapter trains; both adapters train
+        # here (each with its own optimiser), so restore it.
+        self.unet.set_adapter(name)
+        for p in self.adapter_parameters(STUDENT) + (self.adapter_parameters(CRITIC) if self.full_critic is None else []):
+            p.requires_grad_(True)
+
+    # -- roles ------------------------------------------------------------------------------------------------
+    def student(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        self._activate(STUDENT)
+        return unet_forward(self.unet, x, t, cond)
+
+    def critic(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if self.full_critic is not None:
+            return unet_forward(self.full_critic, x, t, cond)
+        self._activate(CRITIC)
+        return unet_forward(self.unet, x, t, cond)
+
+    def critic_features(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if self.full_critic is not None:
+            return unet_mid_features(self.full_critic, x, t, cond)
+        self._activate(CRITIC)
+        return unet_mid_features(self.unet, x, t, cond)
+
+    @torch.no_grad()
+    def teacher(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        with self.adapters_off():
+            return unet_forward(self.unet, x, t, cond)
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
