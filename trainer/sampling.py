@@ -93,3 +93,22 @@ def cfg(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance ``u + w (c - u)``. Valid on eps, v or x0 alike: each is affine in the others at a
     fixed (x_t, t), so guiding any of them gives the same result."""
     return uncond + scale * (cond - uncond)
+
+
+def denoise_timesteps(timesteps: Sequence[int], denoise: float, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """img2img: the trained timesteps below ``denoise * T`` (the student knows no others), at least the last one.
+    ``denoise = 1`` keeps them all; 0.5 keeps [499, 249] of the 4-step preset."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    limit = denoise * num_train_timesteps
+    kept = tuple(int(t) for t in timesteps if t < limit)
+    return kept or (int(timesteps[-1]),)
+
+
+def seeded_step_noise(seed: int, shape, *, device=None, dtype=torch.float32) -> NoiseFn:
+    """The fresh noises of :func:`sample_dmd2` as ``dmd2 generate`` draws them for one image: a CPU generator
+    seeded with ``seed``, whose first draw (of ``shape``) is the starting noise, then one draw per step. Any caller
+    that draws its starting noise the same way (ComfyUI's seeded noise does, for a batch of one) gets the same image."""
+    gen = torch.Generator().manual_seed(int(seed))
+    torch.randn(shape, generator=gen)  # the starting noise, drawn by the caller
+    return lambda i: torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
