@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from trainer.models import architecture as arch
@@ -23,8 +23,13 @@ from trainer.models import convert
 from trainer.models.detect import SDXL_ONLY, check_sdxl_family
 from trainer.models.hashing import content_hash
 from trainer.models.single_file import PICKLE_SUFFIXES, V_PRED_KEY, ZTSNR_KEY, TensorFile, save_sdxl_single_file
-from trainer.models.tokenizers import sdxl_tokenizers
 from trainer.schedule import PREDICTION_TYPES, NoiseSchedule
+
+# diffusers and transformers take seconds to import: they are imported only once a checkpoint has passed the
+# family checks, so refusals (SD1.5, LoRA, corrupt file, ...) come back fast.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = ["SDXLModel", "load_sdxl", "save_sdxl_single_file"]
 
@@ -117,6 +122,9 @@ def _load_single_file(path: Path, *, prediction_type, zero_terminal_snr, allow_p
             "text_encoder_2": any(k.startswith(arch.CLIP_G_PREFIX) for k in shapes),
             "vae": any(k.startswith(arch.VAE_PREFIX) for k in shapes),
         }
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
         g_arch = arch.clip_g_arch_from_sgm(shapes) if present["text_encoder_2"] else None
         l_arch = arch.clip_l_arch_from_sgm(shapes) if present["text_encoder"] else None
         vae_arch = arch.vae_arch_from_sgm(shapes) if present["vae"] else None
@@ -221,6 +229,9 @@ def _load_folder(folder: Path, *, prediction_type, zero_terminal_snr, allow_pick
         raise ModelLoadError(f"{where} is not a diffusers folder (no model_index.json); pass a diffusers SDXL folder or a .safetensors checkpoint")
     unet_cfg = _read_json(folder / "unet" / "config.json", where)
     _check_folder_unet(unet_cfg, where)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     present = {c: (folder / c / "config.json").is_file() for c in COMPONENTS}
     sched = _read_json(folder / "scheduler" / "scheduler_config.json", where) if (folder / "scheduler" / "scheduler_config.json").is_file() else {}
 
@@ -246,21 +257,14 @@ def _load_folder(folder: Path, *, prediction_type, zero_terminal_snr, allow_pick
     pt, z, origin = _resolve_prediction(found_v, found_z, prediction_type, zero_terminal_snr, "scheduler config")
     betas = {k: sched[k] for k in ("beta_start", "beta_end", "num_train_timesteps") if k in sched}
 
-    def counts(c):
-        from safetensors import safe_open
-
-        files = sorted((folder / c).glob("*.safetensors"))
-        if not files:
-            return None
-        with safe_open(os.fspath(files[0]), framework="pt") as f:  # only the header is read
-            return len(list(f.keys()))
+    headers = {c: _folder_header(folder / c) for c in COMPONENTS if present[c]}
 
     info = {
         "format": "diffusers folder",
         "variant": _folder_variant(unet_cfg),
         "components": present,
-        "key_counts": {c: counts(c) for c in COMPONENTS if present[c]},
-        "dtype": str(next(unet.parameters()).dtype).removeprefix("torch.") + " (as loaded)",
+        "key_counts": {c: h[0] for c, h in headers.items()},
+        "dtype": headers["unet"][1] or str(next(unet.parameters()).dtype).removeprefix("torch."),
         "markers": [f"scheduler prediction_type={sched.get('prediction_type', 'epsilon')}"] + (["rescale_betas_zero_snr"] if found_z else []),
         "prediction_type_origin": origin,
         "architecture": {
@@ -272,6 +276,19 @@ def _load_folder(folder: Path, *, prediction_type, zero_terminal_snr, allow_pick
     }
     schedule = lambda prediction_type, zero_terminal_snr: NoiseSchedule.sdxl(prediction_type, zero_terminal_snr, **betas)  # noqa: E731
     return (unet, te, te2, vae), (pt, z), info, schedule
+
+
+def _folder_header(sub: Path) -> tuple[int | None, str | None]:
+    """(key count, most common stored dtype) of a component's .safetensors files; only headers are read."""
+    files = sorted(sub.glob("*.safetensors"))
+    if not files:
+        return None, None
+    readers = [TensorFile(f) for f in files]
+    count = sum(len(r.shapes) for r in readers)
+    dtypes = [r.dtype_of("") for r in readers]
+    for r in readers:
+        r.close()
+    return count, dtypes[0]
 
 
 def _folder_variant(cfg: dict) -> str:
@@ -328,6 +345,8 @@ def load_sdxl(source, *, prediction_type: str | None = None, zero_terminal_snr: 
                   dtype=dtype, load_text_encoders=load_text_encoders, load_vae=load_vae)
     loader = _load_folder if path.is_dir() else _load_single_file
     (unet, te, te2, vae), (pt, z), info, make_schedule = loader(path, **kwargs)
+    from trainer.models.tokenizers import sdxl_tokenizers
+
     digest = content_hash(path)
     tok, tok2 = sdxl_tokenizers()
     name = text if not Path(text).expanduser().exists() else (path.stem if path.is_file() else path.resolve().name)
