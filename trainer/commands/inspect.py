@@ -51,6 +51,9 @@ def format_report(info: dict) -> str:
 
 def run(args) -> int:
     _quiet_libraries()
+    from trainer.models.detect import check_source
+
+    check_source(args.model, allow_pickle=args.allow_pickle)  # refusals before torch/diffusers are imported
     from trainer.models.loading import load_sdxl
 
     model = load_sdxl(args.model, prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from trainer.errors import ConfigError, ModelLoadError
 from trainer.models import architecture as arch
 from trainer.models import convert
-from trainer.models.detect import SDXL_ONLY, check_sdxl_family
+from trainer.models.detect import check_sdxl_family, check_source
 from trainer.models.hashing import content_hash
 from trainer.models.single_file import PICKLE_SUFFIXES, V_PRED_KEY, ZTSNR_KEY, TensorFile, save_sdxl_single_file
 from trainer.schedule import PREDICTION_TYPES, NoiseSchedule
@@ -197,20 +197,6 @@ def _read_json(path: Path, where: str) -> dict:
         raise ModelLoadError(f"{where}: cannot read {path.name} ({type(exc).__name__}); the diffusers folder is incomplete") from None
 
 
-def _check_folder_unet(cfg: dict, where: str) -> None:
-    """The same family refusals as for single files, from the UNet's config."""
-    ctx = cfg.get("cross_attention_dim")
-    ctx = ctx[0] if isinstance(ctx, list) else ctx
-    adm = cfg.get("projection_class_embeddings_input_dim")
-    if cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise UnsupportedModelError(f"{where} holds a {cfg.get('_class_name')}, not an SDXL UNet; {SDXL_ONLY}")
-    if ctx == 1280 and adm == 2560:
-        raise UnsupportedModelError(f"{where} is the SDXL refiner (UNet context dim 1280, adm 2560), which is not supported; pass an SDXL base-family model")
-    if cfg.get("addition_embed_type") != "text_time":
-        family = {768: "an SD1.5", 1024: "an SD2"}.get(ctx, "a non-SDXL")
-        raise UnsupportedModelError(f"{where} is {family} model (UNet context dim {ctx}, no text-time conditioning); {SDXL_ONLY}")
-
-
 def _folder_weights_ok(sub: Path, allow_pickle: bool, where: str) -> None:
     names = [p.name for p in sub.iterdir()] if sub.is_dir() else []
     if any(n.endswith(".safetensors") for n in names):
@@ -223,12 +209,7 @@ def _folder_weights_ok(sub: Path, allow_pickle: bool, where: str) -> None:
 
 def _load_folder(folder: Path, *, prediction_type, zero_terminal_snr, allow_pickle, dtype, load_text_encoders, load_vae):
     where = os.fspath(folder)
-    if not (folder / "model_index.json").is_file():
-        if (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file():
-            raise UnsupportedModelError(f"{where} is a single diffusers component folder; pass the pipeline folder above it (the one with model_index.json)")
-        raise ModelLoadError(f"{where} is not a diffusers folder (no model_index.json); pass a diffusers SDXL folder or a .safetensors checkpoint")
-    unet_cfg = _read_json(folder / "unet" / "config.json", where)
-    _check_folder_unet(unet_cfg, where)
+    unet_cfg = _read_json(folder / "unet" / "config.json", where)  # layout and family were checked by check_source
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -299,13 +280,6 @@ def _folder_variant(cfg: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- hub
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _looks_like_repo_id(source: str) -> bool:
-    return bool(_REPO_ID.match(source)) and not source.lower().endswith((".safetensors",) + PICKLE_SUFFIXES)
-
-
 def _download(repo_id: str) -> Path:
     """A local path for a Hub repo: the diffusers layout if it has one, else its only .safetensors file."""
     try:
@@ -336,11 +310,11 @@ def load_sdxl(source, *, prediction_type: str | None = None, zero_terminal_snr: 
     """
     _check_overrides(prediction_type)
     text = os.fspath(source)
+    check_source(text, allow_pickle=allow_pickle)
     path = Path(text).expanduser()
     if not path.exists():
-        if not _looks_like_repo_id(text):
-            raise ModelLoadError(f"{text} does not exist; pass an SDXL .safetensors file, a diffusers folder or a Hub repo id")
         path = _download(text)
+        check_source(path, allow_pickle=allow_pickle)
     kwargs = dict(prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, allow_pickle=allow_pickle,
                   dtype=dtype, load_text_encoders=load_text_encoders, load_vae=load_vae)
     loader = _load_folder if path.is_dir() else _load_single_file

@@ -10,15 +10,15 @@ import os
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor
 
 from trainer.errors import ModelLoadError
-from trainer.models import convert
+
+# torch is imported only when tensors are read or written: header checks (and so refusals) stay fast.
+if TYPE_CHECKING:
+    from torch import Tensor
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"  # ComfyUI's markers: their presence, not their value, carries meaning
@@ -47,11 +47,11 @@ class TensorFile:
 
     def _open_safetensors(self) -> None:
         try:
-            self._handle = safe_open(os.fspath(self.path), framework="pt", device="cpu")
-            self.metadata = dict(self._handle.metadata() or {})
+            header = safe_open(os.fspath(self.path), framework="numpy")  # header only; no torch needed
+            self.metadata = dict(header.metadata() or {})
             self.shapes, self.dtypes = {}, {}
-            for key in self._handle.keys():
-                sl = self._handle.get_slice(key)
+            for key in header.keys():
+                sl = header.get_slice(key)
                 self.shapes[key] = tuple(sl.get_shape())
                 self.dtypes[key] = _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower())
         except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on bad headers
@@ -62,6 +62,8 @@ class TensorFile:
             raise ModelLoadError(
                 f"{self.path} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) to load it with torch.load(weights_only=True)"
             )
+        import torch
+
         try:
             obj = torch.load(os.fspath(self.path), map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -71,7 +73,7 @@ class TensorFile:
             obj = obj["state_dict"]  # Lightning-style checkpoints nest the weights
         if not isinstance(obj, Mapping):
             raise ModelLoadError(f"{self.path} holds a {type(obj).__name__}, not a state dict of tensors; pass an SDXL checkpoint")
-        self._tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        self._tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
         self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in self._tensors.items()}
 
@@ -79,6 +81,8 @@ class TensorFile:
         if self._tensors is not None:
             return self._tensors[key]
         try:
+            if self._handle is None:
+                self._handle = safe_open(os.fspath(self.path), framework="pt", device="cpu")
             return self._handle.get_tensor(key)
         except Exception as exc:
             raise self._corrupt(exc) from None
@@ -94,12 +98,16 @@ class TensorFile:
 
 
 def _sgm_state(module, table_fn) -> dict[str, Tensor]:
+    from trainer.models import convert
+
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     return convert.diffusers_to_sgm(state, table_fn(state.keys()))
 
 
 def sdxl_sgm_state_dict(unet, text_encoder=None, text_encoder_2=None, vae=None) -> dict[str, Tensor]:
     """One sgm-named state dict for the given diffusers/transformers modules (any may be None but the UNet)."""
+    from trainer.models import convert
+
     out = _sgm_state(unet, lambda keys: convert.unet_table(unet.config, keys))
     if text_encoder is not None:
         out.update(_sgm_state(text_encoder, convert.clip_l_table))
@@ -113,6 +121,9 @@ def sdxl_sgm_state_dict(unet, text_encoder=None, text_encoder_2=None, vae=None) 
 def save_sdxl_single_file(path, unet, text_encoder, text_encoder_2, vae=None, *, v_pred: bool = False,
                           ztsnr: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
     """Write an sgm single-file checkpoint ComfyUI/A1111 load; atomic (temp file in the same folder + os.replace)."""
+    import torch
+    from safetensors.torch import save_file
+
     path = Path(path)
     state = sdxl_sgm_state_dict(unet, text_encoder, text_encoder_2, vae)
     if v_pred:
