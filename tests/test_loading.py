@@ -164,3 +164,23 @@ def test_save_is_atomic_and_round_trips(from_file, tmp_path):
         for k, v in getattr(from_file, c).state_dict().items():
             assert torch.equal(getattr(again, c).state_dict()[k], v), f"{c}.{k}"
     assert again.unet.config.sample_size == from_file.unet.config.sample_size  # kept through modelspec.resolution
+
+
+def test_toy_teacher_shape_3_level_vae_and_koala_like_unet(tmp_path):
+    """What the toy teacher uses (32x32 images, 8x8 latents, 3-level VAE), with asymmetric up-block depths."""
+    from trainer.testing.tiny_sdxl import TinySDXLSpec, build_tiny_sdxl
+
+    spec = TinySDXLSpec(block_out_channels=(32, 64, 64), transformer_layers_per_block=(0, 1, 2),
+                        reverse_transformer_layers_per_block=((2, 1), (1, 1), (0, 0)), vae_block_out_channels=(32, 64, 64))
+    modules = build_tiny_sdxl(spec, seed=5)
+    path = save_sdxl_single_file(tmp_path / "toy.safetensors", *modules)
+    model = load_sdxl(path)
+    _no_meta(model)
+    for name, module in zip(COMPONENTS, modules):
+        loaded = getattr(model, name).state_dict()
+        for k, v in module.state_dict().items():
+            assert torch.equal(loaded[k], v), f"{name}.{k}"
+    assert model.unet.config.sample_size == 8 and len(model.vae.config.block_out_channels) == 3
+    with torch.no_grad():
+        latents = model.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)

@@ -176,7 +176,7 @@ def _unet_summary(u: arch.UNetArch, l: arch.CLIPArch | None, g: arch.CLIPArch | 
         "unet_layers_per_block": list(u.layers_per_block),
         "transformer_depth": u.depth_pattern,
         "transformer_depth_output": [d for level in u.up_depths for d in level],
-        "transformer_depth_middle": u.mid_depth,
+        "transformer_depth_middle": "no mid block" if u.mid_depth is None else u.mid_depth,
         "context_dim": u.cross_attention_dim,
         "adm_in_channels": u.adm_in_channels,
     }
