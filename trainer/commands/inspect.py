@@ -19,7 +19,7 @@ def _quiet_libraries() -> None:
 
     Set through the environment, before the libraries are imported (they are imported lazily, after refusals).
     """
-    for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+    for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_VERBOSITY", "error")):
         os.environ.setdefault(var, value)
 
 
