@@ -1,0 +1,90 @@
+"""The toy proof's pieces: the bundled digits teacher (an ordinary SDXL single file), the digit evaluator and the
+teacher sampler."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from trainer.toy.digits import PROMPT_TEMPLATES, digit_from_prompt, load_digits_32, prompt_for, split_indices
+from trainer.toy.evaluate import ToyEvaluator, frechet_distance
+from trainer.toy.teacher import TEACHER_FILE, TEACHER_JSON, load_toy_teacher, sample_teacher
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    torch.manual_seed(0)
+    return ToyEvaluator.load()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_toy_teacher()
+
+
+def test_digits_data_and_prompts():
+    images, labels = load_digits_32()
+    assert images.shape == (1797, 1, 32, 32) and labels.shape == (1797,)
+    assert images.min() >= -1 and images.max() <= 1 and float(images.min()) == -1.0
+    assert prompt_for(7) == "a handwritten digit seven"
+    for t in range(len(PROMPT_TEMPLATES)):
+        assert all(digit_from_prompt(prompt_for(d, t)) == d for d in range(10))
+    train, held = split_indices()
+    assert len(set(train.tolist()) & set(held.tolist())) == 0 and len(train) + len(held) == 1797
+
+
+def test_frechet_distance_matches_closed_form():
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
+    cov = torch.randn(5, 5, dtype=torch.float64)
+    cov = (cov @ cov.T).numpy()
+    assert abs(frechet_distance([0.0] * 5, cov, [0.0] * 5, cov)) < 1e-8
+
+
+def test_evaluator_on_held_out_real_digits(evaluator):
+    images, labels = load_digits_32()
+    _, held = split_indices()
+    s = evaluator.score(images[held], labels[held])
+    assert s["accuracy"] > 0.98
+    assert s["toy_fid"] < 3.0
+    assert 0.85 < s["diversity"] < 1.2
+    # RGB input (what the VAE decodes) scores the same as grey
+    rgb = evaluator.score(images[held].repeat(1, 3, 1, 1), labels[held])
+    assert rgb["toy_fid"] == pytest.approx(s["toy_fid"], abs=1e-6)
+
+
+def test_evaluator_on_noise(evaluator):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(1000, 1, 32, 32, generator=g) * 2 - 1
+    s = evaluator.score(noise, torch.arange(1000) % 10)
+    assert s["accuracy"] < 0.2
+    assert s["toy_fid"] > 50.0
+
+
+def test_committed_teacher_checksum_and_loads_as_normal_sdxl(teacher):
+    info = json.loads(TEACHER_JSON.read_text())
+    digest = hashlib.sha256(TEACHER_FILE.read_bytes()).hexdigest()
+    assert digest == info["sha256"]
+    assert TEACHER_FILE.stat().st_size <= 25 * 1024 * 1024
+    assert teacher.content_hash == digest
+    assert teacher.prediction_type == "epsilon"
+    assert teacher.vae is not None and teacher.text_encoder is not None and teacher.text_encoder_2 is not None
+    # two CLIP encoders of different widths; adm = pooled + 6 time ids
+    w1, w2 = teacher.text_encoder.config.hidden_size, teacher.text_encoder_2.config.hidden_size
+    assert w1 != w2 and teacher.unet.config.cross_attention_dim == w1 + w2
+    assert teacher.unet.config.addition_embed_type == "text_time"
+    for module in (teacher.unet, teacher.text_encoder, teacher.text_encoder_2, teacher.vae):
+        assert all(p.device.type != "meta" for p in module.parameters())
+
+
+def test_sampling_returns_finite_images(teacher):
+    digits = torch.tensor([0, 3, 7, 9])
+    images = sample_teacher(teacher, digits, steps=4, cfg_scale=3.0, seed=1, batch_size=2)
+    assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.min() >= -1 and images.max() <= 1
+    again = sample_teacher(teacher, digits[:2], steps=4, cfg_scale=3.0, seed=1)
+    assert torch.allclose(again, images[:2], atol=1e-3)  # per-image noise does not depend on the batching
+    one = sample_teacher(teacher, digits, steps=1, cfg_scale=1.0, seed=1)
+    assert one.shape == (4, 3, 32, 32) and torch.isfinite(one).all()
