@@ -18,6 +18,12 @@ from trainer.schedule import NoiseSchedule, ve_output_to_x0
 UNetCall = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
 
+def place(module, device=None, dtype=None):
+    """``module.to(device, dtype)`` without diffusers' ModelMixin warning about fp32 modules (we cast whole models on
+    purpose: the frozen base in bf16/fp16, trainable adapters in fp32)."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
 def unet_call(unet) -> UNetCall:
     return lambda x, t, cond: unet_forward(unet, x, t, cond)
 

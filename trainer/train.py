@@ -155,13 +155,15 @@ def _sync_and_clip(params, accelerator, max_norm: float) -> float:
 def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = None) -> Path | None:
     """Run DMD2 and return the path of the exported student LoRA (None when stopped early: resume to finish)."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     from trainer.models.loading import load_sdxl
 
     cfg.validate()
     out = Path(cfg.output_dir)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_dir=str(out))
+    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
     resume_path = find_checkpoint(out, resume) if resume else None  # fail fast, before loading anything
@@ -171,7 +173,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
     latent_shape = gen.latent_shape(model.unet, model.vae, cfg.resolution)
     data = _prepare_data(cfg, model, device, latent_shape)
 
-    roles = DMD2Roles(model.unet.to(device, weight_dtype), rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic,
+    torch.manual_seed(cfg.seed)  # adapter and head initialisation: identical on every rank and in every rerun
+    roles = DMD2Roles(gen.place(model.unet, device, weight_dtype), rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic,
                       critic_rank=cfg.lora.critic_rank, critic_alpha=cfg.lora.critic_alpha)
     if roles.full_critic is not None:
         roles.full_critic.to(device)
@@ -227,7 +230,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
         state = {"student_opt": student_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
                  "student_sched": student_sched.state_dict(), "critic_sched": critic_sched.state_dict(), "rng": rng_state()}
         return save_checkpoint(out, step, weights=weights(), training_state=state,
-                               info={"config": to_dict(cfg), "data_position": {"sampler": "per-step seeded", "next_step": step}},
+                               info={"config": to_dict(cfg), "data_position": {"sampler": "per-step seeded", "next_step": step},
+                                     "teacher": {"name": model.name, "hash": model.content_hash, "prediction_type": schedule.prediction_type}},
                                keep=cfg.keep_checkpoints)
 
     if main:
@@ -293,7 +297,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
             if main:
                 accelerator.log(losses.values, step=step)
                 if time.time() - last_log > 0.5 or step == cfg.steps - 1:
-                    bar.set_postfix({k.split("/")[1] if k.count("/") else k: f"{v:.3g}" for k, v in losses.values.items() if "logit" not in k and "norm" not in k})
+                    bar.set_postfix({_SHORT[k]: f"{v:.3g}" for k, v in losses.values.items() if k in _SHORT})
                     last_log = time.time()
             done = step + 1
             if cfg.validate_every and (done % cfg.validate_every == 0 or done == cfg.steps):
@@ -317,6 +321,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
                                teacher=model.name, teacher_hash=model.content_hash, prediction_type=schedule.prediction_type)
         save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT), lora_path, meta)
     return lora_path
+
+
+_SHORT = {"student/dmd": "dmd", "student/gan": "g_gan", "critic/denoise": "denoise", "critic/gan": "d_gan"}
 
 
 def _safe_name(name: str) -> str:

@@ -1,0 +1,152 @@
+"""The DMD2 trainer end to end on the tiny SDXL: the CLI, exact resume, NaN handling, refusals, export round trip."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from trainer import objectives
+from trainer.config import load_config
+from trainer.errors import TrainingDivergedError
+from trainer.train import train
+
+PROMPTS = ["a red square", "a blue circle", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    images = d / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a photo number {i}")
+    return d
+
+
+def _config(data_dir: Path, model: Path, out: Path, **extra) -> dict:
+    cfg = {"model": str(model), "prompts": str(data_dir / "prompts.txt"), "images": str(data_dir / "images"),
+           "output_dir": str(out), "steps": 6, "resolution": 32, "batch_size": 2, "seed": 3,
+           "lora": {"rank": 4, "alpha": 2}, "checkpoint_every": 0, "validate_every": 0,
+           "optim": {"warmup_steps": 2}, "student": {"update_every": 2}, "validation": {"teacher_steps": 3, "seeds": [0]}}
+    for key, value in extra.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def _dmd2(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_train_cli_end_to_end(tmp_path, data_dir, tiny_sdxl_file):
+    """All losses on (DMD, GAN with real images), 4-step backward simulation, validation, checkpoints, export."""
+    cfg = _config(data_dir, tiny_sdxl_file, tmp_path / "run", checkpoint_every=3, validate_every=3)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    result = _dmd2("train", "--config", tmp_path / "run.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lora = Path(result.stdout.strip().splitlines()[-1].removeprefix("LoRA: "))
+    assert lora.is_file() and lora.parent == tmp_path / "run"
+    with safe_open(lora, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        assert all(k.startswith("lora_unet_") for k in keys)
+        assert f.get_tensor(keys[0]).dtype == torch.float16
+    downs = [k for k in keys if k.endswith(".lora_down.weight")]
+    assert len(downs) > 50 and len(keys) == 3 * len(downs)  # down, up and alpha for every module
+    assert any("_attn1_to_q." in k for k in downs) and any("_resnets_0_conv1." in k for k in downs)
+    assert json.loads(meta["dmd2.timesteps"]) == [999, 749, 499, 249] and meta["dmd2.cfg"] == "1"
+    assert meta["dmd2.rank"] == "4" and float(meta["dmd2.alpha"]) == 2.0 and meta["dmd2.steps"] == "6"
+    assert len(meta["dmd2.teacher_hash"]) == 64
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "validation").glob("*.png")) == ["step-00000003.png", "step-00000006.png"]
+    assert Image.open(run / "validation" / "step-00000006.png").size[1] > 2 * 32  # teacher row + student row
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    ckpt = run / "checkpoints" / "step-00000006"
+    assert {p.name for p in ckpt.iterdir()} >= {"student.safetensors", "critic.safetensors", "gan_head.safetensors", "training_state.pt", "state.json"}
+    assert "dmd" in result.stderr and "d_gan" in result.stderr  # the progress bar shows the losses
+
+
+def _final_weights(out: Path, steps: int) -> dict:
+    ckpt = out / "checkpoints" / f"step-{steps:08d}"
+    return {stem: load_file(ckpt / f"{stem}.safetensors") for stem in ("student", "critic", "gan_head")}
+
+
+def test_resume_and_extend_is_bit_exact(tmp_path, data_dir, tiny_sdxl_file):
+    straight = _config(data_dir, tiny_sdxl_file, tmp_path / "straight", steps=8)
+    train(load_config(base=straight))
+    first = _config(data_dir, tiny_sdxl_file, tmp_path / "resumed", steps=4)
+    train(load_config(base=first))
+    lora = train(load_config(base=first, overrides=["steps=8"]), resume="latest")
+    assert lora is not None and lora.is_file()
+    a, b = _final_weights(tmp_path / "straight", 8), _final_weights(tmp_path / "resumed", 8)
+    for stem in a:
+        assert a[stem].keys() == b[stem].keys()
+        for key in a[stem]:
+            assert torch.equal(a[stem][key], b[stem][key]), f"{stem}:{key} differs after resume"
+    before = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "student.safetensors")
+    assert any(not torch.equal(before[k], a["student"][k]) for k in before)  # the extension really trained
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, data_dir, tiny_sdxl_file, monkeypatch):
+    calls = {"n": 0}
+    real = objectives.critic_denoising_loss
+
+    def poisoned(pred, target):
+        calls["n"] += 1
+        return real(pred, target) * (float("nan") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setattr(objectives, "critic_denoising_loss", poisoned)
+    cfg = _config(data_dir, tiny_sdxl_file, tmp_path / "run", steps=8, checkpoint_every=2)
+    with pytest.raises(TrainingDivergedError, match=r"critic/denoise is nan at step 4"):
+        train(load_config(base=cfg))
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004"]  # the last good ones, complete (no temp folders)
+    assert load_file(tmp_path / "run" / "checkpoints" / "step-00000004" / "student.safetensors")
+
+
+@pytest.mark.parametrize("case", ["empty_prompts", "missing_images", "unreadable_image"])
+def test_bad_data_is_refused_with_one_line(tmp_path, data_dir, tiny_sdxl_file, case):
+    cfg = _config(data_dir, tiny_sdxl_file, tmp_path / "run")
+    if case == "empty_prompts":
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        cfg["prompts"], expected = str(tmp_path / "empty.txt"), "has no prompts"
+    elif case == "missing_images":
+        cfg["images"], expected = str(tmp_path / "nope"), "does not exist"
+    else:
+        folder = tmp_path / "imgs"
+        folder.mkdir()
+        Image.new("RGB", (8, 8)).save(folder / "good.png")
+        (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        cfg["images"], expected = str(folder), "cannot read image"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    result = _dmd2("train", "--config", tmp_path / "run.yaml")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1], result.stderr[-1000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_print_config_lists_every_option():
+    result = _dmd2("train", "--print-config", "--set", "lora.rank=16")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    for key in ("model", "prompts", "images", "output_dir", "steps", "resolution", "batch_size", "seed", "critic",
+                "checkpoint_every", "validate_every"):
+        assert key in cfg
+    assert cfg["student"]["timesteps"] == [999, 749, 499, 249] and cfg["lora"] == {"rank": 16, "alpha": 8.0, "critic_rank": None, "critic_alpha": None}
+    assert cfg["dmd"]["guidance_scale"] == 8.0 and cfg["gan"]["student_weight"] == 0.005 and cfg["gan"]["critic_weight"] == 0.01
+    assert cfg["student"]["update_every"] == 5 and cfg["dmd"]["critic_lr"] == 5e-5 and cfg["student"]["lr"] == 5e-5
