@@ -28,7 +28,7 @@ class GANHead(nn.Module):
                 break
             stages.append(_stage(channels, 2))
             size //= 2
-        if size >= 8:
+        if size >= 4:
             stages.append(_stage(channels, 4))  # Conv4x4 stride 4, no padding: size -> (size - 4) / 4 + 1
         self.body = nn.Sequential(*stages)
         self.to_logit = nn.Conv2d(channels, 1, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,9 +90,11 @@ class DMD2Roles(nn.Module):
             self.full_critic = copy.deepcopy(unet).float().requires_grad_(True)
         elif critic != "lora":
             raise ValueError(f"critic must be 'lora' or 'full', got {critic!r}")
-        unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=STUDENT)
-        if self.full_critic is None:
-            unet.add_adapter(lora_config(critic_rank or rank, critic_alpha or alpha, targets), adapter_name=CRITIC)
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=STUDENT)
+            if self.full_critic is None:
+                unet.add_adapter(lora_config(critic_rank or rank, critic_alpha or alpha, targets), adapter_name=CRITIC)
         self.unet = unet
         self._activate(STUDENT)
 
@@ -106,9 +109,12 @@ class DMD2Roles(nn.Module):
         return list(self.full_critic.parameters()) if self.full_critic is not None else self.adapter_parameters(CRITIC)
 
     def _activate(self, name: str):
-        # diffusers' set_adapter also flips requires_grad so that only the active adapter trains; both adapters train
-        # here (each with its own optimiser), so restore it.
         self.unet.set_adapter(name)
+        self._keep_adapters_trainable()
+
+    def _keep_adapters_trainable(self):
+        # diffusers' set_adapter/enable_adapters flip requires_grad so that only the active adapter trains; both
+        # adapters train here (each with its own optimiser), so restore it.
         for p in self.adapter_parameters(STUDENT) + (self.adapter_parameters(CRITIC) if self.full_critic is None else []):
             p.requires_grad_(True)
 
@@ -141,3 +147,4 @@ class DMD2Roles(nn.Module):
             yield
         finally:
             self.unet.enable_adapters()
+            self._keep_adapters_trainable()

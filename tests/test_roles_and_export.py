@@ -1,0 +1,127 @@
+"""The three roles on one UNet, the GAN head, and the LoRA export round trip through diffusers' own loader."""
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.conditioning import encode_prompts
+from trainer.export import kohya_state_dict, merge_into_unet, read_lora, recipe_metadata, save_safetensors_atomic
+from trainer.models.gan_head import GANHead
+from trainer.models.loading import load_sdxl
+from trainer.models.roles import STUDENT, DMD2Roles, unet_forward, unet_mid_features
+
+
+@pytest.fixture
+def model(tiny_sdxl_file):
+    return load_sdxl(tiny_sdxl_file)
+
+
+def _inputs(model, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = encode_prompts(model, ["a cat", "a dog"][:batch], 32)
+    return torch.randn(batch, 4, 4, 4, generator=g), torch.tensor([999, 400][:batch]), cond
+
+
+def _randomise_adapters(roles, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in roles.student_parameters() + roles.critic_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_roles_share_one_unet_and_switch(model):
+    x, t, cond = _inputs(model)
+    base = unet_forward(model.unet, x, t, cond).detach()
+    roles = DMD2Roles(model.unet, rank=4, alpha=2)
+    # Zero-initialised up-projections: student and critic start as the teacher.
+    torch.testing.assert_close(roles.student(x, t, cond), base)
+    torch.testing.assert_close(roles.critic(x, t, cond), base)
+    _randomise_adapters(roles)
+    s, c, teacher = roles.student(x, t, cond), roles.critic(x, t, cond), roles.teacher(x, t, cond)
+    torch.testing.assert_close(teacher, base)  # adapters off = the frozen teacher
+    assert not torch.allclose(s, base, atol=1e-4) and not torch.allclose(c, base, atol=1e-4) and not torch.allclose(s, c, atol=1e-4)
+    # Only adapters train; the base UNet stays frozen, and both adapters keep their gradients enabled.
+    trainable = {n for n, p in roles.unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(roles.student_parameters()) == len(roles.critic_parameters())
+    assert all(p.requires_grad for p in roles.student_parameters() + roles.critic_parameters())
+
+
+def test_full_critic_is_a_trainable_copy(model):
+    x, t, cond = _inputs(model)
+    roles = DMD2Roles(model.unet, rank=4, alpha=2, critic="full")
+    assert roles.full_critic is not None and all(p.requires_grad for p in roles.critic_parameters())
+    assert sum(p.numel() for p in roles.critic_parameters()) == sum(p.numel() for p in roles.full_critic.parameters())
+    torch.testing.assert_close(roles.critic(x, t, cond), roles.teacher(x, t, cond))
+
+
+def test_mid_features_equal_the_full_forward_mid_block_output(model):
+    x, t, cond = _inputs(model)
+    captured = {}
+    handle = model.unet.mid_block.register_forward_hook(lambda m, i, o: captured.setdefault("mid", o))
+    unet_forward(model.unet, x, t, cond)
+    handle.remove()
+    torch.testing.assert_close(unet_mid_features(model.unet, x, t, cond), captured["mid"])
+
+
+@pytest.mark.parametrize("latent, feature, stages", [(128, 32, 4), (64, 16, 3), (8, 2, 0)])
+def test_gan_head_sizes_follow_the_unet(latent, feature, stages):
+    class Cfg:  # an SDXL-shaped config (3 levels) with few channels to keep the test light
+        block_out_channels = (32, 32, 64)
+
+    head = GANHead.for_unet(type("U", (), {"config": Cfg})(), latent)
+    assert len(head.body) == stages  # SDXL at 1024^2: three stride-2 stages and the stride-4 stage, as DMD2
+    out = head(torch.randn(2, 64, feature, feature))
+    assert out.shape == (2,)
+
+
+def test_exported_lora_loads_in_diffusers_and_reproduces_the_student(model, tmp_path, caplog):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    x, t, cond = _inputs(model)
+    roles = DMD2Roles(model.unet, rank=4, alpha=2)
+    _randomise_adapters(roles)
+    student = roles.student(x, t, cond).detach()
+    path = save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT, torch.float32), tmp_path / "lora.safetensors",
+                                   recipe_metadata(timesteps=[999, 749, 499, 249], rank=4, alpha=2, training_steps=1,
+                                                   teacher="tiny", teacher_hash="0" * 64, prediction_type="epsilon"))
+    fresh = load_sdxl(model.source)
+    pipe = StableDiffusionXLPipeline(vae=fresh.vae, text_encoder=fresh.text_encoder, text_encoder_2=fresh.text_encoder_2,
+                                     tokenizer=fresh.tokenizer, tokenizer_2=fresh.tokenizer_2, unet=fresh.unet, scheduler=EulerDiscreteScheduler())
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(path))
+    leftovers = re.compile(r"unexpected keys|not loaded|were not used|unused keys", re.I)
+    assert not [r.getMessage() for r in caplog.records if leftovers.search(r.getMessage())]
+    from peft.tuners.lora import LoraLayer
+
+    n_modules = sum(1 for k in load_file(path) if k.endswith(".lora_down.weight"))
+    assert sum(isinstance(m, LoraLayer) for m in pipe.unet.modules()) == n_modules  # every module mapped
+    # Same output as the student: alpha/rank = 0.5 honoured (ignoring alpha would double the LoRA's effect).
+    torch.testing.assert_close(unet_forward(pipe.unet, x, t, cond), student, rtol=1e-4, atol=1e-4)
+    # And merging the file into a plain UNet (what `dmd2 generate` and `--merge` do) gives the same.
+    merged = load_sdxl(model.source)
+    tensors, meta = read_lora(path)
+    assert merge_into_unet(merged.unet, tensors) == n_modules and meta["dmd2.timesteps"] == "[999, 749, 499, 249]"
+    torch.testing.assert_close(unet_forward(merged.unet, x, t, cond), student, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_without_alpha_would_be_wrong(model, tmp_path):
+    """Guards the reason we write `.alpha`: loaders assume alpha = rank without it."""
+    roles = DMD2Roles(model.unet, rank=4, alpha=2)
+    _randomise_adapters(roles)
+    tensors = kohya_state_dict(roles.unet, STUDENT, torch.float32)
+    assert all(float(v) == 2.0 for k, v in tensors.items() if k.endswith(".alpha"))
+    key = next(k for k in tensors if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    a, b = load_sdxl(model.source), load_sdxl(model.source)
+    merge_into_unet(a.unet, tensors)
+    merge_into_unet(b.unet, {k: v for k, v in tensors.items() if not k.endswith(".alpha")})
+    name = key.removeprefix("lora_unet_")
+    wa = dict(a.unet.named_parameters())
+    wb = dict(b.unet.named_parameters())
+    base = dict(load_sdxl(model.source).unet.named_parameters())
+    pname = next(n for n in wa if n.replace(".", "_").startswith(name) and n.endswith("weight"))
+    torch.testing.assert_close((wb[pname] - base[pname]), 2 * (wa[pname] - base[pname]), rtol=1e-4, atol=1e-6)
