@@ -175,7 +175,7 @@ def apply_lora(model, lora_name: str, strength: float):
     patches = comfy.lora.load_lora(tensors, {m: key_map[m] for m in report.mapped}, log_missing=False)
     recipe = recipes.recipe_from_metadata(metadata)
     new_model = model.clone()
-    applied = new_model.add_patches(patches, strength) if strength != 0 else list(patches)
+    applied = new_model.add_patches(patches, strength)
     if len(set(applied)) != len(report.mapped):
         raise errors.LoRAFormatError(f"{lora_name}: only {len(set(applied))} of {len(report.mapped)} mapped LoRA "
                                      "modules could be patched onto the model")
