@@ -59,6 +59,7 @@ class OptimConfig:
     beta2: float = 0.999
     grad_clip: float = 10.0
     warmup_steps: int = 500  # linear warm-up, then constant (DMD2's schedule; makes resume-and-extend exact)
+    optimizer: str = "auto"  # "auto" (from the memory preset), "adamw" or "adamw8bit" (bitsandbytes, CUDA only)
 
 
 @dataclass
@@ -71,8 +72,11 @@ class ValidationConfig:
 
 @dataclass
 class DataConfig:
-    skip_unreadable_images: bool = False
+    skip_unreadable_images: bool = False  # `dmd2 train` refuses unreadable images unless true; `dmd2 prepare` always skips
     encode_batch_size: int = 32
+    cache_dir: str | None = None  # encoded prompts/latents/teacher samples; default: <output_dir>/cache
+    buckets: bool = True  # real images go to SDXL's aspect-ratio buckets (scaled to `resolution`); false: centre crop
+    generate_batch_size: int = 8  # teacher samples per batch (and per resumable cache part) for gan.real_data=teacher
 
 
 @dataclass
@@ -92,6 +96,9 @@ class TrainConfig:
     prediction_type: str | None = None  # override the loader's detection: "epsilon" or "v_prediction"
     zero_terminal_snr: bool | None = None
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "no", "bf16", "fp16"
+    memory: str = "auto"  # "auto" (by accelerator memory; CPU: 80gb), "12gb", "24gb", "80gb": see trainer/memory.py
+    gradient_checkpointing: bool | None = None  # default: from the memory preset
+    micro_batch_size: int | None = None  # default: from the memory preset (gradients accumulated over micro-batches)
     allow_pickle: bool = False
     student: StudentConfig = field(default_factory=StudentConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -122,6 +129,12 @@ class TrainConfig:
         for name in ("steps", "resolution", "batch_size", "checkpoint_every", "validate_every"):
             if getattr(self, name) < (0 if name.endswith("_every") else 1):
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if self.memory not in ("auto", "12gb", "24gb", "80gb"):
+            raise ConfigError(f"memory must be auto, 12gb, 24gb or 80gb, got {self.memory!r}")
+        if self.optim.optimizer not in ("auto", "adamw", "adamw8bit"):
+            raise ConfigError(f"optim.optimizer must be auto, adamw or adamw8bit, got {self.optim.optimizer!r}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size must be a positive number, got {self.micro_batch_size}")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         return self

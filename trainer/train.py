@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,15 @@ from tqdm.auto import tqdm
 
 from trainer import generate as gen
 from trainer.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainer.conditioning import encode_prompts
 from trainer.config import TrainConfig, dump_yaml, to_dict
-from trainer.data import load_image, read_image_folder, read_prompts
 from trainer.dmd2 import DMD2Settings, Losses, StepRandomness, critic_losses, student_input, student_losses
 from trainer.errors import TrainingDivergedError
 from trainer.export import kohya_state_dict, recipe_metadata, save_safetensors_atomic
+from trainer.memory import MemoryPlan, enable_gradient_checkpointing, make_optimizer, resolve as resolve_memory
 from trainer.models.gan_head import GANHead
 from trainer.models.roles import CRITIC, STUDENT, Conditioning, DMD2Roles
 from trainer.objectives import dmd_timestep_range
+from trainer.prepare import PreparedData, RealData, prepare
 from trainer.schedule import output_to_x0
 
 
@@ -33,76 +34,6 @@ def step_seed(seed: int, step: int, rank: int | None) -> int:
     """A well-mixed seed for (seed, step[, rank]); rank None gives the value shared by all processes."""
     words = [seed, step] if rank is None else [seed, step, rank + 1]
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] % (2**63))
-
-
-@dataclass
-class TrainingData:
-    prompts: list[str]
-    cond: Conditioning  # all prompts, CPU
-    uncond: Conditioning  # one row
-    real_latents: torch.Tensor | None  # CPU
-    real_cond: Conditioning | None
-    validation_cond: Conditioning
-    validation_uncond: Conditioning
-    validation_prompts: list[str]
-
-
-def _prepare_data(cfg: TrainConfig, model, device, latent_shape) -> TrainingData:
-    """Read and encode everything once (text encoders and VAE on the device only for this), then free them."""
-    prompts = read_prompts(cfg.prompts)
-    records = []
-    if cfg.gan_real_data == "images":
-        records, skipped = read_image_folder(cfg.images, skip_unreadable=cfg.data.skip_unreadable_images)
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable image(s): {', '.join(p.name for p in skipped[:10])}")
-    val_prompts = cfg.validation.prompts or prompts[:4]
-    model.text_encoder.to(device)
-    model.text_encoder_2.to(device)
-    encode = lambda texts: encode_prompts(model, texts, cfg.resolution, batch_size=cfg.data.encode_batch_size, device=device)  # noqa: E731
-    cond = encode(prompts)
-    empty = encode([""])
-    uncond = empty if cfg.dmd.uncond == "empty_prompt" else empty.zeros_like()
-    val_cond = encode(val_prompts)
-    real_latents = real_cond = None
-    if records:
-        model.vae.to(device)
-        images, crops = [], []
-        for r in tqdm(records, desc="encoding images", leave=False):
-            image, original, crop = load_image(r.path, cfg.resolution)
-            images.append(image)
-            crops.append((original, crop))
-        real_latents = torch.cat([gen.encode(model.vae, torch.stack(images[i : i + 8])).cpu() for i in range(0, len(images), 8)])
-        real_cond = encode([r.caption for r in records])
-        for i, (original, crop) in enumerate(crops):  # SDXL micro-conditioning: the real image's size and crop
-            real_cond.time_ids[i] = torch.tensor([*original, *crop, cfg.resolution, cfg.resolution], dtype=torch.float32)
-        model.vae.to("cpu")
-    model.text_encoder.to("cpu")
-    model.text_encoder_2.to("cpu")
-    return TrainingData(prompts, cond, uncond, real_latents, real_cond, val_cond, uncond, val_prompts)
-
-
-def _teacher_real_data(cfg, roles, model, data: TrainingData, device, dtype, latent_shape, cache_dir: Path):
-    """GAN real data from the teacher itself (no image folder): many-step CFG samples, generated once and cached.
-    The GAN then pushes the student towards the teacher's own outputs; real images would add real-data signal."""
-    from safetensors.torch import load_file
-
-    n = cfg.gan.teacher_samples
-    key = f"teacher-{model.content_hash[:12]}-{cfg.resolution}-{n}-{cfg.gan.teacher_steps}-{cfg.gan.teacher_cfg}-{cfg.seed}"
-    path = cache_dir / f"{key}.safetensors"
-    if path.is_file():
-        cached = load_file(path)
-        return cached["latents"], data.cond.index(cached["prompt_index"])
-    idx = torch.arange(n) % len(data.prompts)
-    latents = []
-    with roles.adapters_off():
-        for i in tqdm(range(0, n, 8), desc="teacher samples for the GAN", leave=False):
-            sel = idx[i : i + 8]
-            latents.append(gen.sample_teacher(gen.unet_call(roles.unet), model.schedule, data.cond.index(sel), data.uncond.index([0] * len(sel)),
-                                              cfg.gan.teacher_steps, cfg.gan.teacher_cfg, [cfg.seed * 100003 + int(j) for j in range(i, i + len(sel))],
-                                              latent_shape, device=device, dtype=dtype).float().cpu())
-    latents = torch.cat(latents)
-    save_safetensors_atomic({"latents": latents, "prompt_index": idx}, path)
-    return latents, data.cond.index(idx)
 
 
 class StopFlag:
@@ -143,13 +74,200 @@ def _finite_or_stop(losses: Losses, step: int):
                                         "the last checkpoint was left intact (resume with --resume latest)")
 
 
-def _sync_and_clip(params, accelerator, max_norm: float) -> float:
+_REDUCE_BUCKET = 32 << 20  # elements per all-reduce call (128 MiB of fp32)
+
+
+def _all_reduce_mean(params, world: int) -> None:
+    """Average adapter gradients across processes in a few large flat buckets (one collective per bucket rather than
+    one per LoRA tensor). Every rank sends the same layout (missing gradients as zeros), so the results agree bit
+    for bit on all ranks."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    start = 0
+    while start < len(grads):
+        end, size = start, 0
+        while end < len(grads) and (size == 0 or size + grads[end].numel() <= _REDUCE_BUCKET) and grads[end].dtype == grads[start].dtype:
+            size += grads[end].numel()
+            end += 1
+        flat = torch.cat([g.reshape(-1) for g in grads[start:end]])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.div_(world)
+        offset = 0
+        for g in grads[start:end]:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        start = end
+
+
+def _sync_and_clip(params, world: int, max_norm: float) -> float:
     """All-reduce adapter gradients across processes (the frozen base is never reduced), then clip."""
-    if accelerator.num_processes > 1:
-        for p in params:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+    if world > 1:
+        _all_reduce_mean(params, world)
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+@dataclass
+class TrainingSetup:
+    """Everything one DMD2 iteration needs. Built by ``build_training``; ``train_iteration`` runs one step. The loop
+    below and ``benchmarks/train_cycle.py`` use exactly these two functions."""
+
+    roles: DMD2Roles
+    head: GANHead | None
+    schedule: object
+    settings: DMD2Settings
+    student_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    student_sched: torch.optim.lr_scheduler.LRScheduler
+    critic_sched: torch.optim.lr_scheduler.LRScheduler
+    student_params: list
+    critic_params: list
+    cond: object  # .index(idx) -> Conditioning, len(): the training prompts
+    uncond: Conditioning
+    real: RealData | None
+    latent_shape: tuple
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    micro_batch_size: int
+    update_every: int
+    grad_clip: float
+    seed: int
+    rank: int = 0
+    world: int = 1
+    autocast: Callable = contextlib.nullcontext
+
+
+def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioning, real: RealData | None, latent_shape,
+                   device, weight_dtype, plan: MemoryPlan, rank: int = 0, world: int = 1, autocast: Callable | None = None,
+                   quiet: bool = False) -> TrainingSetup:
+    """Roles (student/critic adapters on the frozen UNet, placed on ``device`` in ``weight_dtype``), GAN head,
+    optimisers and LR schedules, with the memory plan applied. Initialisation is seeded: identical on every rank."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)  # adapter and head initialisation: identical on every rank and in every rerun
+    roles = DMD2Roles(gen.place(unet, device, weight_dtype), rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic,
+                      critic_rank=cfg.lora.critic_rank, critic_alpha=cfg.lora.critic_alpha)
+    for p in roles.adapter_parameters(STUDENT) + (roles.adapter_parameters(CRITIC) if roles.full_critic is None else []):
+        p.data = p.data.float()  # peft creates adapters in the base's dtype: trainable weights stay fp32 (master weights)
+    if roles.full_critic is not None:
+        roles.full_critic.to(device)
+    if plan.gradient_checkpointing:
+        enable_gradient_checkpointing(roles.unet)
+        if roles.full_critic is not None:
+            enable_gradient_checkpointing(roles.full_critic)
+    use_gan = cfg.gan_real_data != "none"
+    head = GANHead.for_unet(unet, latent_shape[-1]).to(device) if use_gan else None
+    settings = DMD2Settings(tuple(cfg.student.timesteps), cfg.student.backward_simulation, cfg.dmd.guidance_scale,
+                            dmd_timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
+                            cfg.gan.student_weight, cfg.gan.critic_weight, use_gan)
+    adamw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay, kind=plan.optimizer, device=device, quiet=quiet)
+    student_params = roles.student_parameters()
+    critic_groups = [{"params": roles.critic_parameters(), "lr": cfg.dmd.critic_lr}]
+    if head is not None:
+        critic_groups.append({"params": list(head.parameters()), "lr": cfg.gan.head_lr or cfg.dmd.critic_lr})
+    critic_params = [p for g in critic_groups for p in g["params"]]
+    student_opt = make_optimizer(student_params, lr=cfg.student.lr, **adamw)
+    critic_opt = make_optimizer(critic_groups, lr=cfg.dmd.critic_lr, **adamw)
+    student_sched = torch.optim.lr_scheduler.LambdaLR(student_opt, _lr_lambda(cfg.optim.warmup_steps // cfg.student.update_every))
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, _lr_lambda(cfg.optim.warmup_steps))
+    if autocast is None:
+        autocast = lambda: torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)  # noqa: E731
+    return TrainingSetup(roles, head, schedule, settings, student_opt, critic_opt, student_sched, critic_sched, student_params,
+                         critic_params, cond, uncond, real, tuple(latent_shape), device, weight_dtype, cfg.batch_size,
+                         plan.micro_batch_size, cfg.student.update_every, cfg.optim.grad_clip, cfg.seed, rank, world, autocast)
+
+
+def train_iteration(s: TrainingSetup, step: int) -> Losses:
+    """One DMD2 iteration: the student's sample (backward simulation), on every ``update_every``-th step the student
+    update (DMD + GAN generator loss), then the critic and GAN head update. Every random draw comes from generators
+    seeded by (seed, step[, rank]): a resumed run repeats exactly what a straight run does. A batch larger than the
+    micro-batch is processed in chunks whose gradients are accumulated (weighted by their share of the batch)."""
+    rng = StepRandomness(torch.Generator().manual_seed(step_seed(s.seed, step, s.rank)),
+                         torch.Generator().manual_seed(step_seed(s.seed, step, None)))
+    device, dtype, batch, roles = s.device, s.dtype, s.batch_size, s.roles
+    idx = torch.randint(len(s.cond), (batch,), generator=rng.local)
+    cond = s.cond.index(idx).to(device, dtype)
+    uncond = s.uncond.index([0] * batch).to(device, dtype)
+    real_x0 = real_c = None
+    if s.settings.use_gan:
+        real_x0, real_c = s.real.draw(batch, rng.local)
+        real_x0, real_c = real_x0.to(device, dtype), real_c.to(device, dtype)
+    update_student = step % s.update_every == 0
+    chunks = [slice(i, min(i + s.micro_batch_size, batch)) for i in range(0, batch, s.micro_batch_size)]
+    split = len(chunks) > 1
+    parts: list[tuple[Losses, float]] = []
+    fakes = []
+    with s.autocast():
+        for c in chunks:
+            part, share = Losses(), (c.stop - c.start) / batch
+            cond_c = cond.index(c) if split else cond
+            real_part = real_x0[c] if split and real_x0 is not None else real_x0
+            x_in, t = student_input(roles, s.schedule, cond_c, s.latent_shape, s.settings, rng, device, dtype, real_part)
+            with torch.set_grad_enabled(update_student):
+                x0 = output_to_x0(s.schedule, roles.student(x_in, t, cond_c), x_in, t)
+            if update_student:
+                loss = student_losses(roles, s.head, s.schedule, x0, cond_c, uncond.index(c) if split else uncond, s.settings, rng, part)
+                _finite_or_stop(part, step)
+                (loss * share if split else loss).backward(inputs=s.student_params)  # no gradients for the critic here
+            fakes.append(x0.detach())
+            parts.append((part, share))
+        if update_student:
+            norm = _sync_and_clip(s.student_params, s.world, s.grad_clip)
+            s.student_opt.step()
+            s.student_sched.step()
+            s.student_opt.zero_grad(set_to_none=True)
+            parts[0][0].values["student/grad_norm"] = norm
+        s.critic_opt.zero_grad(set_to_none=True)
+        for k, c in enumerate(chunks):
+            part, share = parts[k]
+            loss = critic_losses(roles, s.head, s.schedule, fakes[k], cond.index(c) if split else cond, s.settings, rng, part,
+                                 real_x0[c] if split and real_x0 is not None else real_x0, real_c.index(c) if split and real_c is not None else real_c)
+            _finite_or_stop(part, step)
+            (loss * share if split else loss).backward(inputs=s.critic_params)
+        norm = _sync_and_clip(s.critic_params, s.world, s.grad_clip)
+        s.critic_opt.step()
+        s.critic_sched.step()
+        s.critic_opt.zero_grad(set_to_none=True)
+    if not split:
+        losses = parts[0][0]
+    else:
+        losses = Losses()
+        for part, share in parts:
+            for key, value in part.values.items():
+                losses.values[key] = losses.values.get(key, 0.0) + (value if key.endswith("grad_norm") else value * share)
+    losses.values["critic/grad_norm"] = norm
+    return losses
+
+
+def adapter_digest(s: TrainingSetup) -> dict[str, str]:
+    """sha256 of the trained weights (student, critic, head): equal on every rank when data parallelism is right."""
+    import hashlib
+
+    out = {}
+    groups = {"student": s.student_params, "critic": s.roles.critic_parameters(), "gan_head": list(s.head.parameters()) if s.head else []}
+    for name, params in groups.items():
+        h = hashlib.sha256()
+        for p in params:
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+def launch_command(num_processes: int, trainer_args: list[str], *, port: int | None = None) -> list[str]:
+    """The accelerate launch command line that ``dmd2 train --num-processes N`` runs (one node, N processes; CPU
+    processes use gloo, GPUs NCCL). For several nodes run ``accelerate launch`` yourself (see the README)."""
+    import socket
+    import sys
+
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            "-m", "trainer", "train", *trainer_args]
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = None) -> Path | None:
@@ -162,41 +280,29 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
     cfg.validate()
     out = Path(cfg.output_dir)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard",
+    # cpu=True without CUDA: under `accelerate launch`/torchrun, CPU processes then form a gloo process group.
+    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", cpu=not torch.cuda.is_available(),
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
+    world = accelerator.num_processes
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
     resume_path = find_checkpoint(out, resume) if resume else None  # fail fast, before loading anything
+    plan = resolve_memory(cfg.memory, device, batch_size=cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
+                          micro_batch_size=cfg.micro_batch_size, optimizer=cfg.optim.optimizer)
+    if main and (device.type == "cuda" or cfg.memory != "auto"):
+        print(plan.describe() + (f", {world} processes" if world > 1 else ""))
 
     model = load_sdxl(cfg.model, prediction_type=cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr, allow_pickle=cfg.allow_pickle)
     schedule = model.schedule
     latent_shape = gen.latent_shape(model.unet, model.vae, cfg.resolution)
-    data = _prepare_data(cfg, model, device, latent_shape)
+    data: PreparedData = prepare(cfg, model, device=device, dtype=weight_dtype, rank=rank, world=world, barrier=accelerator.wait_for_everyone,
+                                 teacher_call=lambda: gen.unet_call(gen.place(model.unet, device, weight_dtype)))
 
-    torch.manual_seed(cfg.seed)  # adapter and head initialisation: identical on every rank and in every rerun
-    roles = DMD2Roles(gen.place(model.unet, device, weight_dtype), rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic,
-                      critic_rank=cfg.lora.critic_rank, critic_alpha=cfg.lora.critic_alpha)
-    if roles.full_critic is not None:
-        roles.full_critic.to(device)
-    real_latents, real_cond = data.real_latents, data.real_cond
-    if cfg.gan_real_data == "teacher":
-        real_latents, real_cond = _teacher_real_data(cfg, roles, model, data, device, weight_dtype, latent_shape, out / "cache")
-    use_gan = cfg.gan_real_data != "none"
-    head = GANHead.for_unet(model.unet, latent_shape[-1]).to(device) if use_gan else None
-    settings = DMD2Settings(tuple(cfg.student.timesteps), cfg.student.backward_simulation, cfg.dmd.guidance_scale,
-                            dmd_timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
-                            cfg.gan.student_weight, cfg.gan.critic_weight, use_gan)
-
-    adamw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
-    student_params = roles.student_parameters()
-    critic_groups = [{"params": roles.critic_parameters(), "lr": cfg.dmd.critic_lr}]
-    if head is not None:
-        critic_groups.append({"params": list(head.parameters()), "lr": cfg.gan.head_lr or cfg.dmd.critic_lr})
-    critic_params = [p for g in critic_groups for p in g["params"]]
-    student_opt = torch.optim.AdamW(student_params, lr=cfg.student.lr, **adamw)
-    critic_opt = torch.optim.AdamW(critic_groups, **adamw)
-    student_sched = torch.optim.lr_scheduler.LambdaLR(student_opt, _lr_lambda(cfg.optim.warmup_steps // cfg.student.update_every))
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, _lr_lambda(cfg.optim.warmup_steps))
+    setup = build_training(cfg, model.unet, schedule, cond=data.cond, uncond=data.uncond, real=data.real, latent_shape=latent_shape,
+                           device=device, weight_dtype=weight_dtype, plan=plan, rank=rank, world=world, autocast=accelerator.autocast,
+                           quiet=not main)
+    roles, head = setup.roles, setup.head
+    student_opt, critic_opt, student_sched, critic_sched = setup.student_opt, setup.critic_opt, setup.student_sched, setup.critic_sched
 
     def weights() -> dict:
         w = {STUDENT: {n: p for n, p in roles.unet.named_parameters() if f".{STUDENT}." in n}}
@@ -240,6 +346,10 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
         accelerator.init_trackers("dmd2", config={k: str(v) for k, v in _flatten(to_dict(cfg)).items()})
     teacher_row: list = []
 
+    def decode(lat):
+        n = plan.decode_batch_size
+        return torch.cat([gen.decode(model.vae, lat[i : i + n]).cpu() for i in range(0, len(lat), n)])
+
     def validate(step: int):
         if not main or model.vae is None:
             return
@@ -250,50 +360,19 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
             with roles.adapters_off():
                 lat = gen.sample_teacher(gen.unet_call(roles.unet), schedule, cond, data.validation_uncond.index([0] * len(cond)),
                                          cfg.validation.teacher_steps, cfg.validation.teacher_cfg, seeds, latent_shape, device=device, dtype=weight_dtype)
-            teacher_row.extend(gen.to_pil(gen.decode(model.vae, lat)))
+            teacher_row.extend(gen.to_pil(decode(lat)))
         roles._activate(STUDENT)
         lat = gen.sample_student(gen.unet_call(roles.unet), schedule, cond, cfg.student.timesteps, seeds, latent_shape, device=device, dtype=weight_dtype)
-        student_row = gen.to_pil(gen.decode(model.vae, lat))
+        student_row = gen.to_pil(decode(lat))
         model.vae.to("cpu")
         gen.save_png_atomic(gen.grid([teacher_row, student_row]), out / "validation" / f"step-{step:08d}.png")
 
-    n_prompts, n_real = len(data.prompts), (0 if real_latents is None else len(real_latents))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="dmd2", disable=not main, dynamic_ncols=True)
     last_log = time.time()
     stop = stop or StopFlag()
     with stop.installed():
         for step in bar:
-            rng = StepRandomness(torch.Generator().manual_seed(step_seed(cfg.seed, step, rank)),
-                                 torch.Generator().manual_seed(step_seed(cfg.seed, step, None)))
-            idx = torch.randint(n_prompts, (cfg.batch_size,), generator=rng.local)
-            cond = data.cond.index(idx).to(device, weight_dtype)
-            uncond = data.uncond.index([0] * cfg.batch_size).to(device, weight_dtype)
-            real_x0 = real_c = None
-            if use_gan:
-                ridx = torch.randint(n_real, (cfg.batch_size,), generator=rng.local)
-                real_x0, real_c = real_latents[ridx].to(device, weight_dtype), real_cond.index(ridx).to(device, weight_dtype)
-            update_student = step % cfg.student.update_every == 0
-            losses = Losses()
-            with accelerator.autocast():
-                x_in, t = student_input(roles, schedule, cond, latent_shape, settings, rng, device, weight_dtype, real_x0)
-                with torch.set_grad_enabled(update_student):
-                    x0 = output_to_x0(schedule, roles.student(x_in, t, cond), x_in, t)
-                if update_student:
-                    loss = student_losses(roles, head, schedule, x0, cond, uncond, settings, rng, losses)
-                    _finite_or_stop(losses, step)
-                    loss.backward()
-                    losses.values["student/grad_norm"] = _sync_and_clip(student_params, accelerator, cfg.optim.grad_clip)
-                    student_opt.step()
-                    student_sched.step()
-                    student_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)  # also drops what the GAN generator loss left on the critic
-                loss = critic_losses(roles, head, schedule, x0, cond, settings, rng, losses, real_x0, real_c)
-                _finite_or_stop(losses, step)
-                loss.backward()
-                losses.values["critic/grad_norm"] = _sync_and_clip(critic_params, accelerator, cfg.optim.grad_clip)
-                critic_opt.step()
-                critic_sched.step()
-                critic_opt.zero_grad(set_to_none=True)
+            losses = train_iteration(setup, step)
             if main:
                 accelerator.log(losses.values, step=step)
                 if time.time() - last_log > 0.5 or step == cfg.steps - 1:
@@ -305,6 +384,10 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoint(done)
             accelerator.wait_for_everyone()
+            if world > 1:  # every rank stops at the same step, or the collectives of the next one would hang
+                flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop.requested = bool(flag.item())
             if stop.requested and done < cfg.steps:
                 bar.close()
                 path = checkpoint(done)
@@ -314,6 +397,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
                 return None
     bar.close()
     checkpoint(cfg.steps)
+    _write_rank_digest(setup, cfg.steps)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     lora_path = out / f"dmd2_{_safe_name(model.name)}_{len(cfg.student.timesteps)}step_lora.safetensors"
     if main:
@@ -321,6 +406,18 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
                                teacher=model.name, teacher_hash=model.content_hash, prediction_type=schedule.prediction_type)
         save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT), lora_path, meta)
     return lora_path
+
+
+def _write_rank_digest(setup: TrainingSetup, step: int) -> None:
+    """Test/debug aid: with DMD2_DEBUG_RANK_DIGESTS=DIR every process writes DIR/rank-<r>-step-<n>.json with hashes
+    of its trained weights, so a test can check that data parallelism keeps all ranks identical."""
+    import json
+    import os
+
+    folder = os.environ.get("DMD2_DEBUG_RANK_DIGESTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"rank-{setup.rank}-step-{step}.json").write_text(json.dumps({"world": setup.world, **adapter_digest(setup)}))
 
 
 _SHORT = {"student/dmd": "dmd", "student/gan": "g_gan", "critic/denoise": "denoise", "critic/gan": "d_gan"}
