@@ -10,6 +10,7 @@ from trainer.errors import DMD2Error
 
 COMMANDS = {
     "inspect": "Show what the SDXL loader finds in a checkpoint",
+    "prepare": "Encode prompts, images and teacher samples once into the training cache",
     "train": "Distill a teacher into a few-step LoRA with DMD2",
     "generate": "Sample the student (or the teacher) to a PNG",
     "export": "Re-export a trained LoRA, or merge it into a single-file checkpoint",
