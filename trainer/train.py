@@ -140,6 +140,23 @@ class TrainingSetup:
     autocast: Callable = contextlib.nullcontext
 
 
+class BucketGANHead(GANHead):
+    """DMD2's head, sized for the square training resolution, that also takes the mid-block features of real images
+    from non-square aspect-ratio buckets: a side shorter than the square's is padded (edge replication) up to it, so
+    the stride-2/stride-4 stages always have room. Square inputs are untouched (same parameters, same results)."""
+
+    def __init__(self, channels: int, feature_size: int):
+        super().__init__(channels, feature_size)
+        self.min_size = feature_size
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h, w = features.shape[-2:]
+        ph, pw = max(0, self.min_size - h), max(0, self.min_size - w)
+        if ph or pw:
+            features = torch.nn.functional.pad(features, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate")
+        return super().forward(features)
+
+
 def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioning, real: RealData | None, latent_shape,
                    device, weight_dtype, plan: MemoryPlan, rank: int = 0, world: int = 1, autocast: Callable | None = None,
                    quiet: bool = False) -> TrainingSetup:
@@ -158,7 +175,7 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
         if roles.full_critic is not None:
             enable_gradient_checkpointing(roles.full_critic)
     use_gan = cfg.gan_real_data != "none"
-    head = GANHead.for_unet(unet, latent_shape[-1]).to(device) if use_gan else None
+    head = BucketGANHead.for_unet(unet, latent_shape[-1]).to(device) if use_gan else None
     settings = DMD2Settings(tuple(cfg.student.timesteps), cfg.student.backward_simulation, cfg.dmd.guidance_scale,
                             dmd_timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
                             cfg.gan.student_weight, cfg.gan.critic_weight, use_gan)
