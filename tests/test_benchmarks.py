@@ -1,0 +1,43 @@
+"""The GPU benchmarks run end to end at the tiny shape on a CPU: last output line is one JSON object, and the
+numbers are appended to the results file."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _bench(script: str, *args, results: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--shape", "tiny", "--results", str(results), *map(str, args)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    text = results.read_text()
+    assert record["device"] in text and json.dumps(record) in text
+    return record
+
+
+def test_train_cycle_tiny(tmp_path):
+    record = _bench("train_cycle.py", "--cycles", "1", "--rank", "8", "--presets", "12gb,80gb", results=tmp_path / "RESULTS.md")
+    assert record["benchmark"] == "train_cycle" and record["device"] == "cpu" and record["res"] == 128
+    for preset, checkpointing in (("12gb", True), ("80gb", False)):
+        r = record["presets"][preset]
+        assert r["cycle_s"] > 0 and r["losses_finite"] and r["gradient_checkpointing"] is checkpointing
+    assert record["presets"]["12gb"]["optimizer"] == "torch.AdamW"  # 8-bit states need CUDA: clean fallback
+    if (REPO.parent / "shared" / "reference" / "naive_dmd2_cycle.py").is_file():  # the reference sits beside the repo here
+        assert record["reference"]["no_ckpt"]["impl"] == "naive-reference" and record["reference"]["grad_ckpt"]["grad_ckpt"] is True
+        assert set(record["ratios"]) == {"default_vs_naive", "12gb_vs_naive_ckpt"}
+
+
+def test_inference_tiny(tmp_path):
+    record = _bench("inference.py", "--runs", "1", "--teacher-steps", "6", results=tmp_path / "RESULTS.md")
+    assert record["benchmark"] == "inference" and record["student_steps"] == 4 and record["teacher_steps"] == 6
+    assert record["eager"]["student_s"] > 0 and record["eager"]["speedup"] > 1
