@@ -64,11 +64,26 @@ def write_taesdxl(out: Path) -> None:
         save_file(sd, out / f"taesdxl_{part}.safetensors")
 
 
+def _locked(out: Path):
+    """An exclusive lock beside ``out``, so that test runs started side by side build it once."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(out.parent / f".{out.name}.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def main(comfy_dir: str, out_dir: str) -> None:
     out = Path(out_dir)
     marker = out / f".complete-v{VERSION}"
-    if marker.exists():
-        return
+    with _locked(out):
+        if not marker.exists():
+            _write(comfy_dir, out)
+            marker.touch()
+
+
+def _write(comfy_dir: str, out: Path) -> None:
     sys.path.insert(0, comfy_dir)
     argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
     import comfy.options
@@ -79,7 +94,6 @@ def main(comfy_dir: str, out_dir: str) -> None:
     sys.argv = argv
     write_text_encoders(out / "text_encoders")
     write_taesdxl(out / "vae_approx")
-    marker.touch()
 
 
 if __name__ == "__main__":

@@ -112,16 +112,37 @@ def _peft_lora(kohya: dict[str, torch.Tensor], module_paths: dict[str, str]) -> 
     return out
 
 
+def _locked(out: Path):
+    """An exclusive lock beside ``out``, so that test runs started side by side build it once."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(out.parent / f".{out.name}.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def build(out_dir) -> Path:
+    out = Path(out_dir)
+    marker = out / f".complete-v{VERSION}"
+    lock = _locked(out)
+    if marker.exists():
+        lock.close()
+        return out
+    try:
+        _build(out)
+        marker.touch()
+    finally:
+        lock.close()
+    return out
+
+
+def _build(out: Path) -> None:
     from safetensors.torch import save_file
 
     from trainer.export import merge_into_unet, recipe_metadata
     from trainer.testing.comfy_unet import build_unet, write_comfy_unet
 
-    out = Path(out_dir)
-    marker = out / f".complete-v{VERSION}"
-    if marker.exists():
-        return out
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     write_comfy_unet(out / "unet", seed=0)
     unet = build_unet(seed=0).float()
@@ -152,8 +173,6 @@ def build(out_dir) -> Path:
     merge_into_unet(unet, kohya, strength=1.0)
     ref["samples"]["lora recipe"] = library_sample(unet, cond, RECIPE_TIMESTEPS, SEED)
     torch.save(ref, out / "reference.pt")
-    marker.touch()
-    return out
 
 
 if __name__ == "__main__":

