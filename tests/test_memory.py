@@ -93,3 +93,21 @@ def test_micro_batches_accumulate_to_a_finite_update():
     losses = train_iteration(setup, 0)
     assert {"student/dmd", "student/gan", "critic/denoise", "critic/gan", "critic/grad_norm", "student/grad_norm"} <= set(losses.values)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values.values())
+
+
+def test_bf16_state_adamw_follows_torch_adamw():
+    from trainer.memory import AdamWBF16States
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 32))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = AdamWBF16States([a], lr=1e-2, weight_decay=0.01)
+    ref = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.01)
+    for _ in range(5):
+        g = torch.randn(64, 32)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert ours.state[a]["exp_avg"].dtype == torch.bfloat16
+    assert torch.allclose(a, b, atol=2e-3) and not torch.equal(a, b)
+    ours.load_state_dict(ours.state_dict())  # checkpointable
