@@ -1,0 +1,19 @@
+"""``dmd2 demo``: the bundled default run (toy digits teacher -> 4-step LoRA -> grid and report in outputs/demo/)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an option of the demo config (trainer/toy/demo.yaml), e.g. --set steps=200")
+    parser.add_argument("--eval-images", type=int, default=500, help="images per row for the report's metrics")
+
+
+def run(args) -> int:
+    from trainer.demo import run_demo
+
+    lora = run_demo(args.out, args.overrides, args.eval_images)
+    print(f"LoRA: {lora}")
+    return 0
