@@ -38,6 +38,15 @@ SPECS: dict[str, tuple[list, list, list]] = {
     "DMD2KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")],
                      ["seed", CONTROL, "preset", "denoise"], [("LATENT", "LATENT")]),
 }
+# /object_info display names: the frontend's default titles, and the API format's _meta titles
+DISPLAY = {
+    "CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+    "EmptyLatentImage": "Empty Latent Image", "LoadImage": "Load Image", "VAEEncode": "VAE Encode",
+    "VAEDecode": "VAE Decode", "SaveImage": "Save Image", "KSampler": "KSampler", "RandomNoise": "RandomNoise",
+    "BasicGuider": "BasicGuider", "SamplerCustomAdvanced": "SamplerCustomAdvanced",
+    "DMD2LoraLoader": "DMD2 LoRA Loader", "DMD2Scheduler": "DMD2 Scheduler", "DMD2Sampler": "DMD2 Sampler",
+    "DMD2KSampler": "DMD2 KSampler",
+}
 UI_ONLY_WIDGETS = {CONTROL, "upload"}  # frontend widgets that are not inputs of the API format
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
@@ -118,7 +127,7 @@ class Graph:
                 if x["link"] is not None:
                     link = self.links[x["link"] - 1]
                     inputs[x["name"]] = [str(link[1]), link[2]]
-            out[str(n["id"])] = {"inputs": inputs, "class_type": n["type"], "_meta": {"title": n.get("title", n["type"])}}
+            out[str(n["id"])] = {"inputs": inputs, "class_type": n["type"], "_meta": {"title": n.get("title", DISPLAY[n["type"]])}}
         return out
 
 

@@ -233,6 +233,7 @@ def test_ui_workflow_matches_object_info(server, name):
     assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(links)
     for node in ui["nodes"]:
         spec = info[node["type"]]
+        assert (spec["display_name"] or node["type"]) == make_workflows.DISPLAY[node["type"]]
         widgets = _widget_names(spec)
         assert widgets == make_workflows.SPECS[node["type"]][1], node["type"]
         assert len(node["widgets_values"]) == len(widgets), node["type"]
@@ -328,3 +329,38 @@ def test_lora_loader_error_reaches_the_user(server, lora, message):
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors and errors[0]["node_type"] == "DMD2LoraLoader", entry["status"]
     assert message in errors[0]["exception_message"] and "LoRAFormatError" in errors[0]["exception_type"]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_frontend_loads_ui_workflows_into_their_api_twins(server):
+    """ComfyUI's own frontend (comfyui-frontend-package 1.32.9) in headless Chromium: each UI workflow loads with
+    every node known, and the frontend's graphToPrompt() gives exactly the API twin (widget order, links, titles).
+    Needs Debian's chromium and the playwright package (the test extra)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    page_errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.goto(server.url + "/", timeout=120_000)
+            page.wait_for_function("window.app && window.app.graph", timeout=120_000)
+            for name in WORKFLOWS:
+                ui = json.loads((REPO / "workflows" / "ui" / f"{name}.json").read_text())
+                api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+                got = page.evaluate("""async (wf) => {
+                    await window.app.loadGraphData(wf);
+                    const nodes = window.app.graph._nodes.map(n => [n.id, n.type, !!n.has_errors]);
+                    const prompt = await window.app.graphToPrompt();
+                    return {nodes, output: prompt.output};
+                }""", ui)
+                assert sorted(t for _, t, _ in got["nodes"]) == sorted(n["type"] for n in ui["nodes"]), name
+                assert not [t for _, t, err in got["nodes"] if err], name
+                assert got["output"] == api, f"{name}: the frontend exports\n{json.dumps(got['output'], indent=1)}"
+        finally:
+            browser.close()
+    assert not page_errors, page_errors
