@@ -150,3 +150,65 @@ def test_print_config_lists_every_option():
     assert cfg["student"]["timesteps"] == [999, 749, 499, 249] and cfg["lora"] == {"rank": 16, "alpha": 8.0, "critic_rank": None, "critic_alpha": None}
     assert cfg["dmd"]["guidance_scale"] == 8.0 and cfg["gan"]["student_weight"] == 0.005 and cfg["gan"]["critic_weight"] == 0.01
     assert cfg["student"]["update_every"] == 5 and cfg["dmd"]["critic_lr"] == 5e-5 and cfg["student"]["lr"] == 5e-5
+
+
+@pytest.fixture(scope="module")
+def vpred_tiny_file(tmp_path_factory) -> Path:
+    from trainer.testing.tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny-vpred"), seed=1, v_pred=True, ztsnr=True)["single_file"]
+
+
+@pytest.mark.parametrize("variant", ["vpred_ztsnr_1step", "full_critic_2step", "teacher_gan_data"])
+def test_train_variants(tmp_path, data_dir, tiny_sdxl_file, vpred_tiny_file, variant):
+    """v-prediction + zero-terminal-SNR teachers with the 1-step preset (t=399), the full critic with the 2-step
+    preset, and teacher-generated GAN data when there is no image folder."""
+    extra = {"steps": 3}
+    model = tiny_sdxl_file
+    if variant == "vpred_ztsnr_1step":
+        model, extra["student.timesteps"] = vpred_tiny_file, 1
+    elif variant == "full_critic_2step":
+        extra["critic"], extra["student.timesteps"] = "full", 2
+    else:
+        extra.update({"images": None, "gan.real_data": "teacher", "gan.teacher_samples": 4, "gan.teacher_steps": 2})
+    cfg = load_config(base=_config(data_dir, model, tmp_path / "run", **extra))
+    lora = train(cfg)
+    meta = safe_open(lora, "pt").metadata()
+    expected = {"vpred_ztsnr_1step": [399], "full_critic_2step": [999, 499], "teacher_gan_data": [999, 749, 499, 249]}[variant]
+    assert json.loads(meta["dmd2.timesteps"]) == expected
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000003"
+    critic = load_file(ckpt / "critic.safetensors")
+    if variant == "vpred_ztsnr_1step":
+        assert meta["dmd2.prediction_type"] == "v_prediction"
+    if variant == "full_critic_2step":
+        assert not any("lora_" in k for k in critic) and "conv_in.weight" in critic  # a whole UNet
+    else:
+        assert critic and all(".critic." in k for k in critic)
+    if variant == "teacher_gan_data":
+        parts = list((tmp_path / "run" / "cache").glob("teacher-*/part-*.safetensors"))
+        assert len(parts) == 1 and load_file(parts[0])
+        assert load_file(ckpt / "gan_head.safetensors")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes(tmp_path, data_dir, tiny_sdxl_file):
+    import signal
+    import time
+
+    cfg = _config(data_dir, tiny_sdxl_file, tmp_path / "run", steps=400)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "--config", str(tmp_path / "run.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    events = tmp_path / "run" / "logs"
+    while time.time() < deadline and not list(events.rglob("events.out.tfevents.*")):
+        time.sleep(0.5)
+    time.sleep(3)  # a few iterations
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with --resume latest" in out
+    saved = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1 and 0 < int(saved[0].name[5:]) < 400
+    result = _dmd2("train", "--config", tmp_path / "run.yaml", "--resume", "latest", "--set", f"steps={int(saved[0].name[5:]) + 1}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"at step {int(saved[0].name[5:])}" in result.stdout

@@ -18,7 +18,8 @@ from trainer.errors import ConfigError
 
 @dataclass
 class StudentConfig:
-    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # [399] for a 1-step student
+    # The student's timesteps, or a preset: 4 -> [999, 749, 499, 249], 2 -> [999, 499], 1 -> [399] (1-step mode)
+    timesteps: list[int] | int = field(default_factory=lambda: [999, 749, 499, 249])
     backward_simulation: bool = True  # train step k on the current student's own k-step samples
     update_every: int = 5  # two time-scale rule: the critic updates every iteration, the student every 5th
     lr: float = 5e-5
@@ -115,6 +116,12 @@ class TrainConfig:
             raise ConfigError("no prompts: set `prompts` to a .txt (one prompt per line) or .jsonl file")
         if self.critic not in ("lora", "full"):
             raise ConfigError(f"critic must be 'lora' or 'full', got {self.critic!r}")
+        if isinstance(self.student.timesteps, int):
+            from trainer.sampling import DMD2_PRESETS
+
+            if self.student.timesteps not in DMD2_PRESETS:
+                raise ConfigError(f"student.timesteps preset must be one of {sorted(DMD2_PRESETS)}, got {self.student.timesteps}")
+            self.student.timesteps = list(DMD2_PRESETS[self.student.timesteps])
         ts = self.student.timesteps
         if not ts or any(not 0 <= t < 1000 for t in ts) or list(ts) != sorted(ts, reverse=True) or len(set(ts)) != len(ts):
             raise ConfigError(f"student.timesteps must be distinct, decreasing and in [0, 999], got {ts}")
@@ -175,7 +182,7 @@ def _coerce(value, hint, key):
     if dataclasses.is_dataclass(hint) or value is None:
         return value
     text = str(hint)
-    if text.startswith("list") and not isinstance(value, list):
+    if text.startswith("list") and not isinstance(value, list) and not (text.endswith("| int") and isinstance(value, int)):
         raise ConfigError(f"{key} must be a list, got {value!r}")
     if hint in (int, float) or text in ("int | None", "float | None"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
