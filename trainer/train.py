@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from trainer import generate as gen
 from trainer.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import TrainConfig, dump_yaml, to_dict
+from trainer.distributed import sync_and_clip
 from trainer.dmd2 import DMD2Settings, Losses, StepRandomness, critic_losses, student_input, student_losses
 from trainer.errors import TrainingDivergedError
 from trainer.export import kohya_state_dict, recipe_metadata, save_safetensors_atomic
@@ -74,41 +75,6 @@ def _finite_or_stop(losses: Losses, step: int):
                                         "the last checkpoint was left intact (resume with --resume latest)")
 
 
-_REDUCE_BUCKET = 32 << 20  # elements per all-reduce call (128 MiB of fp32)
-
-
-def _all_reduce_mean(params, world: int) -> None:
-    """Average adapter gradients across processes in a few large flat buckets (one collective per bucket rather than
-    one per LoRA tensor). Every rank sends the same layout (missing gradients as zeros), so the results agree bit
-    for bit on all ranks."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    start = 0
-    while start < len(grads):
-        end, size = start, 0
-        while end < len(grads) and (size == 0 or size + grads[end].numel() <= _REDUCE_BUCKET) and grads[end].dtype == grads[start].dtype:
-            size += grads[end].numel()
-            end += 1
-        flat = torch.cat([g.reshape(-1) for g in grads[start:end]])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat.div_(world)
-        offset = 0
-        for g in grads[start:end]:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        start = end
-
-
-def _sync_and_clip(params, world: int, max_norm: float) -> float:
-    """All-reduce adapter gradients across processes (the frozen base is never reduced), then clip."""
-    if world > 1:
-        _all_reduce_mean(params, world)
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
 @dataclass
 class TrainingSetup:
     """Everything one DMD2 iteration needs. Built by ``build_training``; ``train_iteration`` runs one step. The loop
@@ -140,23 +106,6 @@ class TrainingSetup:
     autocast: Callable = contextlib.nullcontext
 
 
-class BucketGANHead(GANHead):
-    """DMD2's head, sized for the square training resolution, that also takes the mid-block features of real images
-    from non-square aspect-ratio buckets: a side shorter than the square's is padded (edge replication) up to it, so
-    the stride-2/stride-4 stages always have room. Square inputs are untouched (same parameters, same results)."""
-
-    def __init__(self, channels: int, feature_size: int):
-        super().__init__(channels, feature_size)
-        self.min_size = feature_size
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h, w = features.shape[-2:]
-        ph, pw = max(0, self.min_size - h), max(0, self.min_size - w)
-        if ph or pw:
-            features = torch.nn.functional.pad(features, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate")
-        return super().forward(features)
-
-
 def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioning, real: RealData | None, latent_shape,
                    device, weight_dtype, plan: MemoryPlan, rank: int = 0, world: int = 1, autocast: Callable | None = None,
                    quiet: bool = False) -> TrainingSetup:
@@ -175,7 +124,7 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
         if roles.full_critic is not None:
             enable_gradient_checkpointing(roles.full_critic)
     use_gan = cfg.gan_real_data != "none"
-    head = BucketGANHead.for_unet(unet, latent_shape[-1]).to(device) if use_gan else None
+    head = GANHead.for_unet(unet, latent_shape[-1]).to(device) if use_gan else None
     settings = DMD2Settings(tuple(cfg.student.timesteps), cfg.student.backward_simulation, cfg.dmd.guidance_scale,
                             dmd_timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
                             cfg.gan.student_weight, cfg.gan.critic_weight, use_gan)
@@ -231,7 +180,7 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
             fakes.append(x0.detach())
             parts.append((part, share))
         if update_student:
-            norm = _sync_and_clip(s.student_params, s.world, s.grad_clip)
+            norm = sync_and_clip(s.student_params, s.world, s.grad_clip)
             s.student_opt.step()
             s.student_sched.step()
             s.student_opt.zero_grad(set_to_none=True)
@@ -243,7 +192,7 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
                                  real_x0[c] if split and real_x0 is not None else real_x0, real_c.index(c) if split and real_c is not None else real_c)
             _finite_or_stop(part, step)
             (loss * share if split else loss).backward(inputs=s.critic_params)
-        norm = _sync_and_clip(s.critic_params, s.world, s.grad_clip)
+        norm = sync_and_clip(s.critic_params, s.world, s.grad_clip)
         s.critic_opt.step()
         s.critic_sched.step()
         s.critic_opt.zero_grad(set_to_none=True)
@@ -270,21 +219,6 @@ def adapter_digest(s: TrainingSetup) -> dict[str, str]:
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         out[name] = h.hexdigest()
     return out
-
-
-def launch_command(num_processes: int, trainer_args: list[str], *, port: int | None = None) -> list[str]:
-    """The accelerate launch command line that ``dmd2 train --num-processes N`` runs (one node, N processes; CPU
-    processes use gloo, GPUs NCCL). For several nodes run ``accelerate launch`` yourself (see the README)."""
-    import socket
-    import sys
-
-    if port is None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            "-m", "trainer", "train", *trainer_args]
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = None) -> Path | None:

@@ -26,7 +26,7 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides).validate()
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launched process group
-        from trainer.train import launch_command
+        from trainer.distributed import launch_command
 
         forwarded = (["--config", args.config] if args.config else []) + [a for o in args.overrides for a in ("--set", o)]
         forwarded += ["--resume", args.resume] if args.resume else []

@@ -20,8 +20,13 @@ def _stage(channels: int, stride: int) -> nn.Sequential:
 
 
 class GANHead(nn.Module):
+    """Sized for the square training resolution's mid-block map (``feature_size``); maps of non-square aspect-ratio
+    buckets with a shorter side are padded (edge replication) up to it, so every stage has room. Square inputs are
+    untouched."""
+
     def __init__(self, channels: int, feature_size: int):
         super().__init__()
+        self.min_size = feature_size
         stages, size = [], feature_size
         for _ in range(3):  # Conv4x4 stride 2, padding 1: size -> size / 2
             if size < 8:
@@ -42,4 +47,8 @@ class GANHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] mid-block features -> [B] logits."""
+        h, w = features.shape[-2:]
+        ph, pw = max(0, self.min_size - h), max(0, self.min_size - w)
+        if ph or pw:
+            features = nn.functional.pad(features, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate")
         return self.to_logit(self.body(features)).mean(dim=(1, 2, 3))
