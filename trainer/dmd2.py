@@ -116,10 +116,15 @@ def critic_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedul
     loss = losses.add("critic/denoise", obj.critic_denoising_loss(prediction, training_target(schedule, fake_x0, eps, t)))
     if settings.use_gan and head is not None and real_x0 is not None:
         t_fake = rng.timesteps(batch, 0, T - 1, fake_x0.device)
-        fake_logits = head(roles.critic_features(add_noise(schedule, fake_x0, rng.randn(fake_x0.shape, fake_x0), t_fake), t_fake, cond))
+        fake_noisy = add_noise(schedule, fake_x0, rng.randn(fake_x0.shape, fake_x0), t_fake)
         t_real = rng.timesteps(real_x0.shape[0], 0, T - 1, fake_x0.device)
         real_noisy = add_noise(schedule, real_x0, rng.randn(real_x0.shape, real_x0), t_real)
-        real_logits = head(roles.critic_features(real_noisy, t_real, real_cond))
+        if real_noisy.shape[1:] == fake_noisy.shape[1:]:  # one forward for both halves (same bucket)
+            both = roles.critic_features(torch.cat([fake_noisy, real_noisy]), torch.cat([t_fake, t_real]), Conditioning.cat([cond, real_cond]))
+            fake_logits, real_logits = head(both).split([batch, real_x0.shape[0]])
+        else:
+            fake_logits = head(roles.critic_features(fake_noisy, t_fake, cond))
+            real_logits = head(roles.critic_features(real_noisy, t_real, real_cond))
         gan = losses.add("critic/gan", obj.gan_critic_loss(fake_logits, real_logits))
         loss = loss + settings.gan_critic_weight * gan
         losses.add("critic/real_logit", real_logits.mean())
