@@ -15,17 +15,34 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trainer.toy.digits import to_uint8_grid  # noqa: E402
+from trainer.toy.digits import load_digits_32, to_uint8_grid  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
-from trainer.toy.teacher import balanced_digits, load_toy_teacher, sample_teacher  # noqa: E402
+from trainer.toy.teacher import balanced_digits, decode_latents, load_toy_teacher, sample_teacher  # noqa: E402
 
-DEFAULT_ROWS = "50:1,50:2,50:3,50:4.5,50:6,4:4.5,1:4.5,4:1,1:1"
+DEFAULT_ROWS = "50:1,50:2,50:3,50:4.5,50:6,8:2,4:1,4:2,4:3,4:4.5,2:2,1:1,1:2,1:3,1:4.5"
+
+
+@torch.no_grad()
+def reference_rows(model, evaluator, n: int, seed: int):
+    """What the metrics give for real data: n random real digits, their VAE round trip, and a blurred copy."""
+    images, labels = load_digits_32()
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: min(n, len(labels))]
+    x, y = images[idx], labels[idx]
+    yield f"real digits ({len(idx)})", evaluator.score(x, y)
+    z = model.vae.encode(x.repeat(1, 3, 1, 1)).latent_dist.mean * model.vae.config.scaling_factor
+    yield "real via VAE", evaluator.score(decode_latents(model, z), y)
+    k = torch.exp(-torch.arange(-4, 5).float() ** 2 / 2)
+    k = (k / k.sum()).view(1, 1, 1, 9)
+    blurred = F.conv2d(F.conv2d(F.pad(x + 1, (4, 4, 4, 4)), k), k.transpose(2, 3)) - 1
+    yield "real, Gaussian blur 1px", evaluator.score(blurred, y)
+    grain = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))).clamp(-1, 1)
+    yield "real + noise 0.2", evaluator.score(grain, y)
 
 
 def main() -> None:
@@ -36,6 +53,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "toy_eval")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-references", action="store_true", help="skip the real-data / VAE reference rows")
+    p.add_argument("--json", type=Path, default=None, help="also write the results JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -43,9 +62,13 @@ def main() -> None:
     model = load_toy_teacher()
     evaluator = ToyEvaluator.load()
     digits = balanced_digits(args.n)
-    results = []
+    results, references = [], []
     print("| steps | CFG | toy FID | accuracy | diversity | s/image |")
     print("|---:|---:|---:|---:|---:|---:|")
+    if not args.no_references:
+        for name, s in reference_rows(model, evaluator, args.n, args.seed):
+            references.append({"name": name, **s})
+            print(f"| {name} | | {s['toy_fid']:.2f} | {s['accuracy']:.3f} | {s['diversity']:.3f} | |", flush=True)
     for row in args.rows.split(","):
         steps, w = row.split(":")
         steps, w = int(steps), float(w)
@@ -60,8 +83,12 @@ def main() -> None:
 
         Image.fromarray(to_uint8_grid(images[:100], nrow=10)).resize((331 * 2, 331 * 2), Image.NEAREST).save(
             args.out / f"teacher_{steps}steps_cfg{w:g}.png")
-    info = {"teacher_sha256": model.content_hash, "threads": args.threads, "torch": torch.__version__, "rows": results}
-    (args.out / "teacher_results.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = {"teacher_sha256": model.content_hash, "threads": args.threads, "torch": torch.__version__,
+            "references": references, "rows": results}
+    text = json.dumps(info, indent=2) + "\n"
+    (args.out / "teacher_results.json").write_text(text)
+    if args.json:
+        args.json.write_text(text)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ def prompts_for(digits, template: int = 0) -> list[str]:
     return [prompt_for(int(d), template) for d in digits]
 
 
+def all_prompts() -> list[str]:
+    """Every (template, digit) prompt the teacher was trained on, template-major (50 prompts)."""
+    return [prompt_for(d, t) for t in range(len(PROMPT_TEMPLATES)) for d in range(NUM_DIGITS)]
+
+
 def digit_from_prompt(prompt: str) -> int | None:
     """The digit a prompt names (word or numeral), or None."""
     words = prompt.lower().replace(",", " ").split()
