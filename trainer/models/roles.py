@@ -96,6 +96,14 @@ class DMD2Roles(nn.Module):
             if self.full_critic is None:
                 unet.add_adapter(lora_config(critic_rank or rank, critic_alpha or alpha, targets), adapter_name=CRITIC)
         self.unet = unet
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        self._student_params = self.adapter_parameters(STUDENT)
+        self._critic_params = self.adapter_parameters(CRITIC) if self.full_critic is None else []
+        for p in self._student_params + self._critic_params:
+            p.requires_grad_(True)
+        self._adapter_state = None
         self._activate(STUDENT)
 
     # -- parameters -------------------------------------------------------------------------------------------
@@ -103,20 +111,24 @@ class DMD2Roles(nn.Module):
         return [p for n, p in self.unet.named_parameters() if f".{name}." in n and "lora_" in n]
 
     def student_parameters(self) -> list[nn.Parameter]:
-        return self.adapter_parameters(STUDENT)
+        return list(self._student_params)
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        return list(self.full_critic.parameters()) if self.full_critic is not None else self.adapter_parameters(CRITIC)
+        return list(self.full_critic.parameters()) if self.full_critic is not None else list(self._critic_params)
+
+    def _set_adapter_state(self, active: str, disabled: bool) -> None:
+        """Switch every LoRA layer to ``active`` (or off). Done on the layers directly rather than with diffusers'
+        set_adapter/disable_adapters, which walk the whole model and flip requires_grad (both adapters train here,
+        each with its own optimiser): switching happens several times per iteration."""
+        if self._adapter_state == (active, disabled):
+            return
+        for layer in self._lora_layers:
+            layer._active_adapter = active
+            layer._disable_adapters = disabled
+        self._adapter_state = (active, disabled)
 
     def _activate(self, name: str):
-        self.unet.set_adapter(name)
-        self._keep_adapters_trainable()
-
-    def _keep_adapters_trainable(self):
-        # diffusers' set_adapter/enable_adapters flip requires_grad so that only the active adapter trains; both
-        # adapters train here (each with its own optimiser), so restore it.
-        for p in self.adapter_parameters(STUDENT) + (self.adapter_parameters(CRITIC) if self.full_critic is None else []):
-            p.requires_grad_(True)
+        self._set_adapter_state(name, False)
 
     # -- roles ------------------------------------------------------------------------------------------------
     def student(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -142,9 +154,9 @@ class DMD2Roles(nn.Module):
 
     @contextlib.contextmanager
     def adapters_off(self):
-        self.unet.disable_adapters()
+        previous = self._adapter_state
+        self._set_adapter_state(previous[0], True)
         try:
             yield
         finally:
-            self.unet.enable_adapters()
-            self._keep_adapters_trainable()
+            self._set_adapter_state(*previous)
