@@ -185,7 +185,12 @@ def _coerce(value, hint, key):
     if text.startswith("list") and not isinstance(value, list) and not (text.endswith("| int") and isinstance(value, int)):
         raise ConfigError(f"{key} must be a list, got {value!r}")
     if hint in (int, float) or text in ("int | None", "float | None"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int or text == "int | None") and value != int(value):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value) if "float" in text or hint is float else int(value)
     if hint is bool or text == "bool | None":
