@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.toy.digits import load_digits_32, to_uint8_grid  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
-from trainer.toy.teacher import balanced_digits, decode_latents, load_toy_teacher, sample_teacher  # noqa: E402
+from trainer.generate import decode  # noqa: E402
+from trainer.toy.teacher import balanced_digits, load_toy_teacher, sample_teacher  # noqa: E402
 
 DEFAULT_ROWS = "50:1,50:2,50:3,50:4.5,50:6,8:2,4:1,4:2,4:3,4:4.5,2:2,1:1,1:2,1:3,1:4.5"
 
@@ -36,7 +37,7 @@ def reference_rows(model, evaluator, n: int, seed: int):
     x, y = images[idx], labels[idx]
     yield f"real digits ({len(idx)})", evaluator.score(x, y)
     z = model.vae.encode(x.repeat(1, 3, 1, 1)).latent_dist.mean * model.vae.config.scaling_factor
-    yield "real via VAE", evaluator.score(decode_latents(model, z), y)
+    yield "real via VAE", evaluator.score(decode(model.vae, z), y)
     k = torch.exp(-torch.arange(-4, 5).float() ** 2 / 2)
     k = (k / k.sum()).view(1, 1, 1, 9)
     blurred = F.conv2d(F.conv2d(F.pad(x + 1, (4, 4, 4, 4)), k), k.transpose(2, 3)) - 1

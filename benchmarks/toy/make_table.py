@@ -1,0 +1,125 @@
+"""The toy quality table in one command: the bundled digits teacher against its DMD2 students and the paper's
+ablations, same prompts and seeds in every row, scored by the toy evaluator.
+
+    OMP_NUM_THREADS=2 python benchmarks/toy/make_table.py              # ~1 h on a 2-core CPU; resumable
+    python benchmarks/toy/make_table.py --n 200 --steps 50 --out /tmp/t # a quick smoke run
+
+Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
+CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`, with its DMD CFG set to the
+teacher's best); and DMD2's ablations on the 4-step student: without the GAN loss, without backward simulation,
+and a full critic instead of the LoRA critic. Students are trained with the real trainer into `--work`; a student
+whose LoRA exists is not trained again. Writes `results.json` (rows with name, steps, toy_fid, accuracy,
+diversity, seconds_per_image) and `RESULTS.md` into `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.demo import demo_config_path, write_demo_data  # noqa: E402
+from trainer.export import merge_into_unet, read_lora  # noqa: E402
+from trainer.models.loading import load_sdxl  # noqa: E402
+from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
+from trainer.toy.rows import Row, sample_row  # noqa: E402
+from trainer.toy.teacher import teacher_path  # noqa: E402
+
+CFG_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.5)
+# name -> (sampling steps, config overrides on top of demo.yaml)
+STUDENTS = {
+    "student 4-step": (4, []),
+    "student 2-step": (2, ["student.timesteps=2"]),
+    "student 1-step": (1, ["student.timesteps=1"]),
+    "4-step, without GAN loss": (4, ["gan.real_data=none"]),
+    "4-step, without backward simulation": (4, ["student.backward_simulation=false"]),
+    "4-step, full critic instead of LoRA critic": (4, ["critic=full"]),
+}
+
+
+def train_student(name: str, overrides: list[str], work: Path, data: tuple[Path, Path], cfg_scale: float, steps: int | None) -> Path:
+    from trainer.train import train
+
+    out = work / name.replace(" ", "_").replace(",", "")
+    done = sorted(out.glob("dmd2_*_lora.safetensors"))
+    if done:
+        print(f"{name}: reusing {done[-1]}")
+        return done[-1]
+    prompts, images = data
+    extra = [f"dmd.guidance_scale={cfg_scale}", f"validation.teacher_cfg={cfg_scale}", "checkpoint_every=0"]
+    extra += [f"steps={steps}"] if steps else []
+    cfg = load_config(demo_config_path(), overrides + extra,
+                      base={"model": str(teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out)})
+    resume = "latest" if (out / "checkpoints").is_dir() else None
+    return train(cfg, resume=resume)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1000, help="images per row (digits 0-9 cycled)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="training iterations per student (default: demo.yaml's)")
+    p.add_argument("--work", type=Path, default=ROOT / "outputs" / "toy_table")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "toy")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    digits = [i % 10 for i in range(args.n)]
+    evaluator = ToyEvaluator.load()
+    teacher = load_sdxl(teacher_path())
+
+    def score(row: Row, model) -> dict:
+        images, seconds = sample_row(model, row, digits, seed=args.seed)
+        r = {"name": row.name, "steps": row.steps, "cfg": row.cfg, **evaluator.score(images, digits), "seconds_per_image": seconds}
+        print(f"{row.name:<45} FID {r['toy_fid']:6.2f}  acc {r['accuracy']:.3f}  div {r['diversity']:.3f}  {seconds * 1000:6.1f} ms/img", flush=True)
+        return r
+
+    sweep = [score(Row(f"teacher 50 steps, CFG {w:g}", 50, w), teacher) for w in CFG_SWEEP]
+    best = min(sweep, key=lambda r: r["toy_fid"])
+    w = best["cfg"]
+    rows = [dict(best, name=f"teacher 50 steps (best CFG {w:g})")]
+    rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
+    data = write_demo_data(args.work / "data")
+    for name, (k, overrides) in STUDENTS.items():
+        t0 = time.perf_counter()
+        lora = train_student(name, overrides, args.work, data, w, args.steps)
+        train_minutes = (time.perf_counter() - t0) / 60
+        student = load_sdxl(teacher_path())
+        tensors, meta = read_lora(lora)
+        merge_into_unet(student.unet, tensors)
+        timesteps = tuple(json.loads(meta["dmd2.timesteps"]))
+        r = score(Row(name, k, 1.0, timesteps), student)
+        r["train_minutes"] = round(train_minutes, 1)
+        rows.append(r)
+    results = {"n": args.n, "seed": args.seed, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
+               "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "results_full.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "RESULTS.md").write_text(table_markdown(results))
+    print(f"wrote {args.out / 'RESULTS.md'}")
+
+
+def table_markdown(results: dict) -> str:
+    rows, teacher50 = results["rows"], results["rows"][0]
+    lines = ["# Toy quality table: the digits teacher and its DMD2 students", "",
+             f"{results['n']} images per row (digits 0-9 cycled, prompt \"a handwritten digit <word>\"), seed {results['seed']}, "
+             f"the same noise for image i in every row; CPU, {results['threads']} thread(s), torch {results['torch']}. "
+             "Regenerate: `python benchmarks/toy/make_table.py`.", "",
+             "| row | steps | toy FID | FID / teacher-50 | accuracy | diversity | ms / image |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['steps']} | {r['toy_fid']:.2f} | {r['toy_fid'] / teacher50['toy_fid']:.2f} | {r['accuracy']:.3f} | "
+                     f"{r['diversity']:.3f} | {r['seconds_per_image'] * 1000:.1f} |")
+    lines += ["", "Teacher CFG sweep at 50 steps:", "", "| CFG | toy FID | accuracy | diversity |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['cfg']:g} | {r['toy_fid']:.2f} | {r['accuracy']:.3f} | {r['diversity']:.3f} |" for r in results["teacher_cfg_sweep"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
