@@ -61,6 +61,12 @@ def train_student(name: str, overrides: list[str], work: Path, data: tuple[Path,
     return train(cfg, resume=resume)
 
 
+def _best_cfg_from_previous(args) -> float:
+    """With --train-only the sweep has not run: take the teacher's best CFG from the committed teacher evaluation."""
+    rows = json.loads((ROOT / "benchmarks" / "toy" / "teacher_results.json").read_text())["rows"]
+    return min((r for r in rows if r["steps"] == 50), key=lambda r: r["toy_fid"])["cfg"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="images per row (digits 0-9 cycled)")
@@ -68,8 +74,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="training iterations per student (default: demo.yaml's)")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "toy_table")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "toy")
+    p.add_argument("--train-only", metavar="NAMES", help="only train these students (comma-separated row names), e.g. to "
+                   "train several in parallel processes before one run that evaluates everything")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        data, w = write_demo_data(args.work / "data"), _best_cfg_from_previous(args)
+        for name in args.train_only.split(","):
+            train_student(name, STUDENTS[name][1], args.work, data, w, args.steps)
+        return
     digits = [i % 10 for i in range(args.n)]
     evaluator = ToyEvaluator.load()
     teacher = load_sdxl(teacher_path())
