@@ -39,10 +39,9 @@ def write_demo_data(folder: Path) -> tuple[Path, Path]:
     return prompts, images_dir
 
 
-def comparison_grid(columns: list[tuple[str, torch.Tensor]], scale: int = 3) -> Image.Image:
+def comparison_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
     """Columns of images (same prompts and seeds per row) with a title above each column."""
-    rows = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in gen.to_pil(images)] for _, images in columns]
-    body = gen.grid([list(r) for r in zip(*rows)])
+    body = gen.grid([list(r) for r in zip(*(gen.to_pil(images) for _, images in columns))])
     header = 16
     out = Image.new("RGB", (body.width, body.height + header), "white")
     out.paste(body, (0, header))

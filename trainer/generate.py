@@ -95,8 +95,12 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arr]
 
 
-def grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
-    """Rows of equally sized images -> one image (white padding)."""
+def grid(rows: list[list[Image.Image]], pad: int = 2, min_cell: int = 96) -> Image.Image:
+    """Rows of equally sized images -> one image (white padding); small images are enlarged (nearest neighbour) to
+    at least ``min_cell`` pixels so a toy model's 32x32 samples stay visible."""
+    scale = max(1, min_cell // rows[0][0].width)
+    if scale > 1:
+        rows = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row] for row in rows]
     w, h = rows[0][0].size
     cols = max(len(r) for r in rows)
     out = Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
