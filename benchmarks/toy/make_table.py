@@ -33,24 +33,24 @@ from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 
 CFG_SWEEP = (1.5, 2.0, 3.0)  # the committed teacher evaluation (teacher_results.json) sweeps 1..6
-# name -> (sampling steps, config overrides on top of demo.yaml)
+# id -> (row name, sampling steps, config overrides on top of demo.yaml)
 STUDENTS = {
-    "student 4-step": (4, []),
-    "student 2-step": (2, ["student.timesteps=2"]),
-    "student 1-step": (1, ["student.timesteps=1"]),
-    "4-step, without GAN loss": (4, ["gan.real_data=none"]),
-    "4-step, without backward simulation": (4, ["student.backward_simulation=false"]),
-    "4-step, full critic instead of LoRA critic": (4, ["critic=full"]),
+    "student-4": ("student 4-step", 4, []),
+    "student-2": ("student 2-step", 2, ["student.timesteps=2"]),
+    "student-1": ("student 1-step", 1, ["student.timesteps=1"]),
+    "no-gan": ("4-step, without GAN loss", 4, ["gan.real_data=none"]),
+    "no-backsim": ("4-step, without backward simulation", 4, ["student.backward_simulation=false"]),
+    "full-critic": ("4-step, full critic instead of LoRA critic", 4, ["critic=full"]),
 }
 
 
-def train_student(name: str, overrides: list[str], work: Path, data: tuple[Path, Path], cfg_scale: float, steps: int | None) -> Path:
+def train_student(sid: str, overrides: list[str], work: Path, data: tuple[Path, Path], cfg_scale: float, steps: int | None) -> Path:
     from trainer.train import train
 
-    out = work / name.replace(" ", "_").replace(",", "")
+    out = work / sid
     done = sorted(out.glob("dmd2_*_lora.safetensors"))
     if done:
-        print(f"{name}: reusing {done[-1]}")
+        print(f"{sid}: reusing {done[-1]}")
         return done[-1]
     prompts, images = data
     extra = [f"dmd.guidance_scale={cfg_scale}", f"validation.teacher_cfg={cfg_scale}"]
@@ -74,14 +74,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="training iterations per student (default: demo.yaml's)")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "toy_table")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "toy")
-    p.add_argument("--train-only", metavar="NAMES", help="only train these students (comma-separated row names), e.g. to "
+    p.add_argument("--train-only", metavar="IDS", help=f"only train these students (comma-separated: {','.join(STUDENTS)}), e.g. to "
                    "train several in parallel processes before one run that evaluates everything")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.train_only:
         data, w = write_demo_data(args.work / "data"), _best_cfg_from_previous(args)
-        for name in args.train_only.split(","):
-            train_student(name, STUDENTS[name][1], args.work, data, w, args.steps)
+        for sid in args.train_only.split(","):
+            train_student(sid, STUDENTS[sid][2], args.work, data, w, args.steps)
         return
     digits = [i % 10 for i in range(args.n)]
     evaluator = ToyEvaluator.load()
@@ -99,9 +99,9 @@ def main() -> None:
     rows = [dict(best, name=f"teacher 50 steps (best CFG {w:g})")]
     rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
     data = write_demo_data(args.work / "data")
-    for name, (k, overrides) in STUDENTS.items():
+    for sid, (name, k, overrides) in STUDENTS.items():
         t0 = time.perf_counter()
-        lora = train_student(name, overrides, args.work, data, w, args.steps)
+        lora = train_student(sid, overrides, args.work, data, w, args.steps)
         train_minutes = (time.perf_counter() - t0) / 60
         student = load_sdxl(teacher_path())
         tensors, meta = read_lora(lora)
