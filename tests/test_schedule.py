@@ -107,3 +107,19 @@ def test_presets():
     assert sampling.preset_timesteps(1) == (399,)
     with pytest.raises(ValueError):
         sampling.preset_timesteps(3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ve_conversion_agrees_with_the_discrete_one(prediction_type):
+    """The samplers' VE form (x = x0 + sigma * eps, UNet input x / sqrt(1 + sigma^2)) and the trainer's VP form give
+    the same x0 for the same UNet output at a training timestep."""
+    from trainer.schedule import ve_output_to_x0
+
+    sched = NoiseSchedule.sdxl(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(3)
+    x_vp, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for t in (999, 399, 20):
+        sigma = sched.sigmas[t]
+        x_ve = x_vp * (1 + sigma**2).sqrt().float()
+        expected = output_to_x0(sched, out, x_vp, torch.tensor([t, t]))
+        torch.testing.assert_close(ve_output_to_x0(out, x_ve, sigma, prediction_type), expected, rtol=1e-4, atol=1e-4)
