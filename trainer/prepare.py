@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from trainer.config import TrainConfig
 from trainer.data import buckets_for, load_image_bucket, nearest_bucket, read_image_folder, read_prompts
 from trainer.errors import DataError
+from trainer.models.hashing import file_sha256
 from trainer.models.roles import Conditioning
 
 FORMAT = 1  # bump when the cache's contents change meaning
@@ -114,14 +115,6 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_dir_for(cfg: TrainConfig) -> Path:
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir) / "cache"
 
@@ -184,8 +177,8 @@ def prepare(cfg: TrainConfig, model, *, device="cpu", dtype=torch.float32, skip_
     text_dir = root / f"text-{text_key[:20]}"
     images_dir = None
     if records:
-        files = [(r.path.name, _file_sha256(r.path), r.caption) for r in tqdm(records, desc="hashing images", disable=not show, leave=False)]
-        bad = [(p.name, _file_sha256(p)) for p in unreadable]
+        files = [(r.path.name, file_sha256(r.path), r.caption) for r in tqdm(records, desc="hashing images", disable=not show, leave=False)]
+        bad = [(p.name, file_sha256(p)) for p in unreadable]
         multiple = _bucket_multiple(model)
         img_key = _digest({"v": FORMAT, "teacher": teacher, "res": res, "buckets": cfg.data.buckets, "multiple": multiple, "files": files, "bad": bad})
         images_dir = root / f"images-{img_key[:20]}"

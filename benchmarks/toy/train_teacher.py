@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import sys
@@ -41,6 +40,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from trainer.models.architecture import CLIPArch, UNetArch, VAEArch, clip_config, unet_config, vae_config  # noqa: E402
+from trainer.models.hashing import file_sha256  # noqa: E402
 from trainer.models.tokenizers import sdxl_tokenizers  # noqa: E402
 from trainer.schedule import NoiseSchedule, add_noise  # noqa: E402
 from trainer.toy.digits import IMAGE_SIZE, NUM_DIGITS, PROMPT_TEMPLATES, load_digits_32, prompt_for  # noqa: E402
@@ -211,14 +211,6 @@ def train_unet(args, latents_mean, latents_std, labels, emb_table, pooled_table)
 
 
 # --------------------------------------------------------------------------------------------------------- export
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export(args, unet, te1, te2, vae, extra: dict) -> None:
     from trainer.models.single_file import save_sdxl_single_file
 
@@ -229,7 +221,7 @@ def export(args, unet, te1, te2, vae, extra: dict) -> None:
     save_sdxl_single_file(out, half(unet), half(te1), half(te2), half(vae), metadata=meta)
     info = {
         "file": out.name,
-        "sha256": sha256(out),
+        "sha256": file_sha256(out),
         "bytes": out.stat().st_size,
         "dtype": "float16",
         "regenerate": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py"

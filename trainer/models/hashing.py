@@ -48,6 +48,15 @@ def _save_cache(file: Path, cache: dict) -> None:
         pass  # a read-only home must not stop a load
 
 
+def file_sha256(path: str | os.PathLike, digest=None) -> str:
+    """sha256 hex digest of one file's bytes, read in chunks (uncached; ``digest`` continues an existing hash)."""
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def content_hash(path: str | os.PathLike) -> str:
     """sha256 hex digest of a weight file, or of a folder's weight files concatenated in sorted order."""
     path = Path(path)
@@ -58,9 +67,7 @@ def content_hash(path: str | os.PathLike) -> str:
         return cache[key]
     digest = hashlib.sha256()
     for f in weight_files(path) if path.is_dir() else [path]:
-        with open(f, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
+        file_sha256(f, digest)
     cache[key] = digest.hexdigest()
     _save_cache(cache_file, cache)
     return cache[key]
