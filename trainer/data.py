@@ -77,20 +77,6 @@ def read_image_folder(folder: str | Path, *, skip_unreadable: bool = False) -> t
     return records, bad
 
 
-def load_image(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """RGB image resized (shorter side) and centre-cropped to ``resolution``, in [-1, 1] as [3, H, W].
-    Also returns the original size and the crop's top-left corner, for SDXL's micro-conditioning."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        original = (im.height, im.width)
-        scale = resolution / min(im.size)
-        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.BICUBIC)
-        top, left = (im.height - resolution) // 2, (im.width - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), original, (top, left)
-
-
 # SDXL's aspect-ratio buckets at 1024x1024 pixels of area, as (height, width): the list from the SDXL paper's
 # multi-aspect training (appendix), every side a multiple of 64.
 SDXL_BUCKETS = (

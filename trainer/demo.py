@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from trainer import generate as gen
 from trainer.config import load_config
 from trainer.export import merge_into_unet, read_lora
-from trainer.toy.digits import PROMPT_TEMPLATES, load_digits_32, prompt_for
+from trainer.toy.digits import PROMPT_TEMPLATES, all_prompts, load_digits_32, prompt_for
 from trainer.toy.rows import Row, sample_row
 
 
@@ -27,7 +27,7 @@ def write_demo_data(folder: Path) -> tuple[Path, Path]:
     """Prompts (every template for every digit) and the real digits as PNGs with captions (the GAN's real data)."""
     folder.mkdir(parents=True, exist_ok=True)
     prompts = folder / "prompts.txt"
-    prompts.write_text("\n".join(prompt_for(d, t) for t in range(len(PROMPT_TEMPLATES)) for d in range(10)) + "\n")
+    prompts.write_text("\n".join(all_prompts()) + "\n")
     images_dir = folder / "real_digits"
     images, labels = load_digits_32()
     if not images_dir.is_dir() or len(list(images_dir.glob("*.png"))) != len(images):
