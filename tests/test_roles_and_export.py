@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from trainer.conditioning import encode_prompts
@@ -125,3 +126,24 @@ def test_lora_without_alpha_would_be_wrong(model, tmp_path):
     base = dict(load_sdxl(model.source).unet.named_parameters())
     pname = next(n for n in wa if n.replace(".", "_").startswith(name) and n.endswith("weight"))
     torch.testing.assert_close((wb[pname] - base[pname]), 2 * (wa[pname] - base[pname]), rtol=1e-4, atol=1e-6)
+
+
+def test_gan_head_keeps_dmd2_groups_at_sdxl_size_and_enough_values_per_group_when_small():
+    sdxl = GANHead(1280, 32)  # SDXL at 1024^2: 32 groups in every stage, as the reference
+    assert [m.num_groups for m in sdxl.modules() if isinstance(m, torch.nn.GroupNorm)] == [32] * 4
+    tiny = GANHead(64, 4)  # the toy teacher's 4x4 mid block: one stage down to 1x1
+    assert [m.num_groups for m in tiny.modules() if isinstance(m, torch.nn.GroupNorm)] == [2]
+
+
+def test_small_gan_head_learns_to_separate_shifted_features():
+    torch.manual_seed(0)
+    head, g = GANHead(64, 4), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    for _ in range(150):
+        real = torch.randn(32, 64, 4, 4, generator=g)
+        fake = torch.randn(32, 64, 4, 4, generator=g) + 0.1  # a small mean shift, the same on every channel
+        loss = F.softplus(head(fake)).mean() + F.softplus(-head(real)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.6  # chance is 2 ln 2 = 1.386; 32 groups of 2 values (the old sizing) stay at 0.83
