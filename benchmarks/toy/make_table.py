@@ -6,8 +6,8 @@ ablations, same prompts and seeds in every row, scored by the toy evaluator.
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
 CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`, unchanged but for 400 iterations);
-and DMD2's ablations on the 4-step student: without the GAN loss, without backward simulation, and a full critic instead of the LoRA critic. Students are trained with the real trainer into `--work`; a student
-whose LoRA exists is not trained again. Writes `results.json` (rows with name, steps, toy_fid, accuracy,
+and DMD2's ablations on the 4-step student: without the GAN loss, without backward simulation, and a full critic instead
+of the LoRA critic. Students are trained with the real trainer into `--work`; a student whose LoRA exists is not trained again. Writes `results.json` (rows with name, steps, toy_fid, accuracy,
 diversity, seconds_per_image) and `RESULTS.md` into `--out`.
 """
 from __future__ import annotations
