@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,29 @@ def test_sampling_returns_finite_images(teacher):
     assert torch.allclose(again, images[:2], atol=1e-3)  # per-image noise does not depend on the batching
     one = sample_teacher(teacher, digits, steps=1, cfg_scale=1.0, seed=1)
     assert one.shape == (4, 3, 32, 32) and torch.isfinite(one).all()
+
+
+def test_demo_cli_writes_lora_grid_and_report(tmp_path):
+    """`dmd2 demo` as the README runs it, shortened: the real demo.yaml on the bundled teacher, a few iterations."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "trainer", "demo", "--out", str(out), "--set", "steps=10", "--set", "checkpoint_every=5",
+                             "--set", "validate_every=5", "--eval-images", "20"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lora = Path(result.stdout.strip().splitlines()[-1].removeprefix("LoRA: "))
+    assert lora.parent == out and lora.is_file()
+    with safe_open(lora, "pt") as f:
+        assert json.loads(f.metadata()["dmd2.timesteps"]) == [999, 749, 499, 249]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["steps"] for r in rows] == [50, 4, 4, 1]
+    assert all(0 <= r["accuracy"] <= 1 and r["toy_fid"] > 0 and r["seconds_per_image"] > 0 for r in rows)
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 4 * 32 and grid.height >= 10 * 32  # 4 columns, 10 prompts
+    report = (out / "report.md").read_text()
+    assert "| teacher, 50 steps |" in report and "| student, 4 steps |" in report and "grid.png" in report
+    assert "dmd2" in result.stderr  # the progress bar

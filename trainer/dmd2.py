@@ -89,8 +89,11 @@ def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedu
     t = rng.timesteps(batch, *settings.dmd_t_range, x0.device)
     x_t = add_noise(schedule, x0.detach(), rng.randn(x0.shape, x0), t)
     with torch.no_grad():
-        both = roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
-        out_real = cfg(both[batch:], both[:batch], settings.guidance_scale)
+        if settings.guidance_scale == 1.0:  # no guidance: the unconditional pass would cancel out
+            out_real = roles.teacher(x_t, t, cond)
+        else:
+            both = roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
+            out_real = cfg(both[batch:], both[:batch], settings.guidance_scale)
         p_real = output_to_x0(schedule, out_real, x_t, t).double()
         p_fake = output_to_x0(schedule, roles.critic(x_t, t, cond), x_t, t).double()
     loss = losses.add("student/dmd", obj.dmd_loss(x0, p_real, p_fake))
