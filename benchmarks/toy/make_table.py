@@ -94,6 +94,7 @@ def main() -> None:
     rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
     data = write_demo_data(args.work / "data")
     for sid, (name, k, overrides) in STUDENTS.items():
+        trained_here = not list((args.work / sid).glob("dmd2_*_lora.safetensors"))
         t0 = time.perf_counter()
         lora = train_student(sid, overrides, args.work, data, args.steps)
         train_minutes = (time.perf_counter() - t0) / 60
@@ -102,7 +103,8 @@ def main() -> None:
         merge_into_unet(student.unet, tensors)
         timesteps = tuple(json.loads(meta["dmd2.timesteps"]))
         r = score(Row(name, k, 1.0, timesteps), student)
-        r["train_minutes"] = round(train_minutes, 1)
+        if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
+            r["train_minutes"] = round(train_minutes, 1)
         rows.append(r)
     results = {"n": args.n, "seed": args.seed, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
