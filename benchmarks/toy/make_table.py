@@ -6,7 +6,7 @@ ablations, same prompts and seeds in every row, scored by the toy evaluator.
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
 CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`, unchanged: the 4-step student is
-the demo's LoRA); and DMD2's ablations on the 4-step student: without the GAN loss, without backward simulation, and
+trained exactly as `dmd2 demo` trains its LoRA); and DMD2's ablations on the 4-step student: without the GAN loss, without backward simulation, and
 a full critic instead of the LoRA critic. Students are trained with the real trainer into `--work`; a student whose
 LoRA exists is not trained again (`--train-only` trains some in a parallel process first). Writes `results.json`
 (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image) and `RESULTS.md` into `--out`.
@@ -64,8 +64,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="images per row (digits 0-9 cycled)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="training iterations per student (default: demo.yaml's, so the "
-                   "4-step student is exactly the demo's LoRA)")
+    p.add_argument("--steps", type=int, default=None, help="training iterations per student (default: demo.yaml's, as "
+                   "`dmd2 demo` trains)")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "toy_table")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "toy")
     p.add_argument("--train-only", metavar="IDS", help=f"only train these students (comma-separated: {','.join(STUDENTS)}), e.g. to "
