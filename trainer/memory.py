@@ -17,13 +17,13 @@ Activations without checkpointing are the largest part (tens of GiB); with check
 | 12gb   | on                     | 8-bit (bitsandbytes AdamW8bit; without it on CUDA: bf16 states; on CPU: fp32) | 1 | 12-16 GB cards |
 | 24gb   | on                     | fp32 AdamW       | 4           | 24-40 GB cards |
 | 80gb   | off                    | fp32 AdamW       | 2           | 48-80+ GB cards (fastest) |
-| auto   | the preset for the accelerator's memory (<20 GiB: 12gb, <48 GiB: 24gb, else 80gb); on a CPU: 80gb |
+| auto   | the preset for the accelerator's memory (<20 GiB: 12gb, <48 GiB: 24gb, else 80gb); on a CPU: 80gb, batch unsplit |
 
 ``micro-batch`` splits ``batch_size`` into chunks whose gradients are accumulated before each optimiser step (less
 activation memory; each chunk draws its own noise, timesteps and backward-simulation step, so the update equals the
 full batch's in expectation, not bit for bit). Small models should not be split: every chunk pays the per-layer
-overhead again (the toy demo at batch 16 ran 3x faster unsplit on a CPU). Individual settings can be overridden in the config:
-``gradient_checkpointing: true|false``, ``micro_batch_size: N``, ``optim.optimizer: adamw|adamw8bit``.
+overhead again (the toy demo at batch 16 ran 3x faster unsplit on a CPU). Individual settings can be overridden in
+the config: ``gradient_checkpointing: true|false``, ``micro_batch_size: N``, ``optim.optimizer: adamw|adamw8bit``.
 """
 from __future__ import annotations
 
@@ -82,7 +82,10 @@ def resolve(memory: str, device, *, batch_size: int, gradient_checkpointing: boo
     if memory not in CHOICES:
         raise ConfigError(f"memory must be one of {', '.join(CHOICES)}, got {memory!r}")
     preset = PRESETS[auto_preset(device) if memory == "auto" else memory]
-    micro = micro_batch_size or preset.micro_batch_size
+    # The presets' micro-batches ration accelerator memory; a CPU run under `auto` has none to ration, and each chunk
+    # would pay the per-layer overhead again.
+    unsplit = memory == "auto" and torch.device(device).type != "cuda"
+    micro = micro_batch_size or (batch_size if unsplit else preset.micro_batch_size)
     return MemoryPlan(preset=preset.name,
                       gradient_checkpointing=preset.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing,
                       optimizer=preset.optimizer if optimizer == "auto" else optimizer,
