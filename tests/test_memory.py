@@ -1,5 +1,6 @@
 """Memory presets: resolution of `memory`, the optimiser fallback, and gradient checkpointing that gives the same
-update as no checkpointing although student and critic are adapters switched on one UNet."""
+update as no checkpointing although student and critic are adapters switched on one UNet; and the DMD loss's
+no-guidance shortcut."""
 from __future__ import annotations
 
 import torch
@@ -37,6 +38,9 @@ def _setup(checkpointing: bool, micro: int = 2):
 def test_presets_resolve_on_cpu():
     plan = resolve("auto", "cpu", batch_size=4)
     assert plan.preset == "80gb" and not plan.gradient_checkpointing and plan.optimizer == "adamw"
+    assert plan.micro_batch_size == 4  # no accelerator memory to ration: the batch stays in one pass
+    assert resolve("auto", "cpu", batch_size=4, micro_batch_size=2).micro_batch_size == 2  # an explicit choice wins
+    assert resolve("80gb", "cpu", batch_size=4).micro_batch_size == 2  # a named preset is taken as it is
     plan = resolve("12gb", "cpu", batch_size=4)
     assert plan.gradient_checkpointing and plan.optimizer == "adamw8bit" and plan.micro_batch_size == 1
     assert resolve("24gb", "cpu", batch_size=1).micro_batch_size == 1  # never larger than the batch
@@ -111,3 +115,26 @@ def test_bf16_state_adamw_follows_torch_adamw():
     assert ours.state[a]["exp_avg"].dtype == torch.bfloat16
     assert torch.allclose(a, b, atol=2e-3) and not torch.equal(a, b)
     ours.load_state_dict(ours.state_dict())  # checkpointable
+
+
+def test_dmd_without_guidance_skips_the_unconditional_pass_with_the_same_result():
+    """At DMD CFG 1 the teacher runs once (cond only); the result must equal the two-pass CFG formula's."""
+    import dataclasses
+
+    from trainer.dmd2 import Losses, StepRandomness, student_losses
+
+    s = _setup(False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move the critic away from the teacher, so the DMD gradient is not zero
+        for p in s.roles.critic_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    cond = s.cond.index([0, 1])
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    values = []
+    for w in (1.0, 1.0 + 1e-6):  # the second goes through cond + uncond and cfg()
+        rng = StepRandomness(torch.Generator().manual_seed(7), torch.Generator().manual_seed(8))
+        losses = Losses()
+        student_losses(s.roles, None, s.schedule, x0, cond, cond.zeros_like(), dataclasses.replace(s.settings, guidance_scale=w), rng, losses)
+        values.append(losses.values["student/dmd"])
+    assert values[0] > 0
+    assert abs(values[0] - values[1]) <= 1e-4 * values[0]
