@@ -6,8 +6,8 @@ ablations, same prompts and seeds in every row, scored by the toy evaluator.
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
 CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`, unchanged: the 4-step student is
-trained exactly as `dmd2 demo` trains its LoRA); and DMD2's ablations on the 4-step student: without the GAN loss, without backward simulation, and
-a full critic instead of the LoRA critic. Students are trained with the real trainer into `--work`; a student whose
+trained exactly as `dmd2 demo` trains its LoRA); and DMD2's ablations on the 4-step student: without the GAN loss,
+without backward simulation, and a full critic instead of the LoRA critic. Students are trained with the real trainer into `--work`; a student whose
 LoRA exists is not trained again (`--train-only` trains some in a parallel process first). Writes `results.json`
 (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image) and `RESULTS.md` into `--out`.
 """
@@ -44,14 +44,20 @@ STUDENTS = {
 }
 
 
+def trained_lora(work: Path, sid: str) -> Path | None:
+    """The LoRA a previous (or `--train-only`) run already wrote for this student, if any."""
+    done = sorted((work / sid).glob("dmd2_*_lora.safetensors"))
+    return done[-1] if done else None
+
+
 def train_student(sid: str, overrides: list[str], work: Path, data: tuple[Path, Path], steps: int | None) -> Path:
     from trainer.train import train
 
     out = work / sid
-    done = sorted(out.glob("dmd2_*_lora.safetensors"))
+    done = trained_lora(work, sid)
     if done:
-        print(f"{sid}: reusing {done[-1]}")
-        return done[-1]
+        print(f"{sid}: reusing {done}")
+        return done
     prompts, images = data
     extra = [f"steps={steps}"] if steps else []
     cfg = load_config(demo_config_path(), overrides + extra,
@@ -94,7 +100,7 @@ def main() -> None:
     rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
     data = write_demo_data(args.work / "data")
     for sid, (name, k, overrides) in STUDENTS.items():
-        trained_here = not list((args.work / sid).glob("dmd2_*_lora.safetensors"))
+        trained_here = trained_lora(args.work, sid) is None
         t0 = time.perf_counter()
         lora = train_student(sid, overrides, args.work, data, args.steps)
         train_minutes = (time.perf_counter() - t0) / 60
