@@ -4,7 +4,8 @@
 # device tool (carry .bench/, which holds the diffusers wheel and a copy of the naive reference).
 #
 #   bash benchmarks/gpu_session.sh            # train_cycle (all presets + naive reference), inference, inference --compile
-#   STAGES=train bash benchmarks/gpu_session.sh   # only some stages: train | infer | compile (at most ~570 s in all)
+#   STAGES=train bash benchmarks/gpu_session.sh   # only some stages: train | infer | compile (DEADLINE=560 s in all)
+#   SHAPE=tiny bash benchmarks/gpu_session.sh     # dry run of the whole script on a CPU
 #
 # Results go to $OUT (the device tool's return folder; benchmarks/out when unset): RESULTS-gpu.md (the sections to
 # append to benchmarks/RESULTS.md), one log per benchmark, and env.txt.
@@ -13,15 +14,20 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 STAGES=${STAGES:-train infer compile}
+SHAPE=${SHAPE:-sdxl}            # tiny: a CPU dry run of this script
+DEADLINE=${DEADLINE:-560}       # seconds for all stages together (the device tool's limit is 600 per call)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-# diffusers (and optionally bitsandbytes) from carried wheels; nothing can be downloaded on the device machine.
+# diffusers from carried wheels; nothing can be downloaded on the device machine.
 if ! $PY -c "import diffusers" 2>/dev/null; then
   ls .bench/wheels/*.whl >/dev/null 2>&1 || { echo "no wheels in .bench/wheels: see benchmarks/README.md" >&2; exit 3; }
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .bench/wheels/*.whl || exit 3
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# Optional unpacked packages (bitsandbytes trimmed to its CUDA 13 libraries: the whole wheel would not fit the
+# 64 MiB the device tool carries).
+if [ -d .bench/site ]; then export PYTHONPATH=$PWD/.bench/site${PYTHONPATH:+:$PYTHONPATH}; fi
 # The naive reference lives beside the repo (../shared/reference), which does not travel: use the carried copy.
 if [ -f .bench/naive_dmd2_cycle.py ]; then export DMD2_NAIVE_REFERENCE=$PWD/.bench/naive_dmd2_cycle.py; fi
 
@@ -31,16 +37,24 @@ if [ -f .bench/naive_dmd2_cycle.py ]; then export DMD2_NAIVE_REFERENCE=$PWD/.ben
   $PY -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null || echo "bitsandbytes: not installed (12gb preset uses bf16 optimizer states)"
 } 2>&1 | tee "$OUT/env.txt"
 
+# Each stage gets at most its cap and never more than what is left of DEADLINE, so a slow stage (compile, with a cold
+# cache) cannot take the others' results with it: every log is already in $OUT when a stage is cut off.
+stage() {  # stage NAME CAP_SECONDS ARGS...
+  local name=$1 cap=$2 left=$((DEADLINE - SECONDS)); shift 2
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 20 ]; then echo "skipped $name: ${left}s left of DEADLINE" | tee -a "$OUT/$name.log"; status=1; return; fi
+  echo "== $name (at most ${cap}s, ${SECONDS}s elapsed)"
+  timeout "$cap" $PY "$@" --shape "$SHAPE" --results "$OUT/RESULTS-gpu.md" > "$OUT/$name.log" 2>&1 || { echo "$name failed or timed out (rc $?)"; status=1; }
+  tail -n 15 "$OUT/$name.log"
+}
 status=0
-for stage in $STAGES; do
-  case $stage in
-    train)    # ~4 min on an H100: 3 presets + naive with/without checkpointing, 2 timed cycles each
-      timeout 330 $PY benchmarks/train_cycle.py --shape sdxl --cycles 2 --results "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/train_cycle.log" || status=1 ;;
-    infer)    # ~1 min: eager student vs teacher
-      timeout 90 $PY benchmarks/inference.py --shape sdxl --runs 3 --results "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/inference.log" || status=1 ;;
-    compile)  # ~2-3 min: the same with torch.compile (CUDA graphs), compile time included in warmup_s
-      timeout 150 $PY benchmarks/inference.py --shape sdxl --runs 3 --compile --results "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/inference_compile.log" || status=1 ;;
-    *) echo "unknown stage $stage" >&2; status=2 ;;
+for s in $STAGES; do
+  case $s in
+    train)    stage train_cycle 300 benchmarks/train_cycle.py --cycles 2 ;;   # 3 presets + naive with/without checkpointing
+    infer)    stage inference 90 benchmarks/inference.py --runs 3 ;;            # eager student vs teacher
+    compile)  stage inference_compile 400 benchmarks/inference.py --runs 3 --compile ;;  # + torch.compile (CUDA graphs)
+    *) echo "unknown stage $s" >&2; status=2 ;;
   esac
 done
+echo "done in ${SECONDS}s"
 exit $status

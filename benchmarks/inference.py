@@ -60,6 +60,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cfg", type=float, default=6.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd UNet (CUDA graphs) and report the gain")
+    ap.add_argument("--channels-last", action="store_true", help="also time UNet and VAE in channels_last memory format")
     ap.add_argument("--results", default=str(sh.REPO / "benchmarks" / "RESULTS.md"), help="markdown file to append to ('' = none)")
     ap.add_argument("--allow-cpu", action="store_true")
     a = ap.parse_args(argv)
@@ -81,8 +82,15 @@ def main(argv=None) -> dict:
               "teacher_steps": a.teacher_steps, "teacher_cfg": a.cfg, "torch": torch.__version__}
     record["eager"] = eager = measure(unet, vae, schedule, cond, uncond, latent, device, dtype, a.teacher_steps, a.cfg, a.runs)
     print(f"eager: student {eager['student_s']:.3f} s, teacher {eager['teacher_s']:.3f} s, {eager['speedup']:.1f}x", flush=True)
+    if a.channels_last:  # convolutions (most of the VAE decoder's time) in NHWC; attention is unaffected
+        unet.to(memory_format=torch.channels_last), vae.to(memory_format=torch.channels_last)
+        record["channels_last"] = c = measure(unet, vae, schedule, cond, uncond, latent, device, dtype, a.teacher_steps, a.cfg, a.runs)
+        c["student_gain"], c["teacher_gain"] = eager["student_s"] / c["student_s"], eager["teacher_s"] / c["teacher_s"]
+        print(f"channels_last: student {c['student_s']:.3f} s ({c['student_gain']:.2f}x faster), teacher {c['teacher_s']:.3f} s "
+              f"({c['teacher_gain']:.2f}x), {c['speedup']:.1f}x (UNet call {c['unet_call_s'] * 1000:.1f} ms, VAE decode "
+              f"{c['decode_s'] * 1000:.1f} ms)", flush=True)
     if a.compile:
-        compiled = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else "default")
+        compiled = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)  # student and teacher batch sizes: two static graphs, not one dynamic one
         record["compiled"] = c = measure(compiled, vae, schedule, cond, uncond, latent, device, dtype, a.teacher_steps, a.cfg, a.runs)
         c["student_gain"], c["teacher_gain"] = eager["student_s"] / c["student_s"], eager["teacher_s"] / c["teacher_s"]
         print(f"compiled: student {c['student_s']:.3f} s ({c['student_gain']:.2f}x faster), teacher {c['teacher_s']:.3f} s "
@@ -95,6 +103,11 @@ def main(argv=None) -> dict:
         record["note"] = "CPU run: checks that the benchmark works; timings and targets are meaningful on a GPU only"
     lines = [f"eager: student 4 steps {eager['student_s']:.3f} s, teacher {a.teacher_steps} steps CFG {eager['teacher_s']:.3f} s, "
              f"speedup {eager['speedup']:.1f}x (UNet call {eager['unet_call_s'] * 1000:.1f} ms, VAE decode {eager['decode_s'] * 1000:.1f} ms)"]
+    if a.channels_last:
+        c = record["channels_last"]
+        lines.append(f"channels_last: student {c['student_s']:.3f} s ({c['student_gain']:.2f}x), teacher {c['teacher_s']:.3f} s "
+                     f"({c['teacher_gain']:.2f}x), speedup {c['speedup']:.1f}x (UNet call {c['unet_call_s'] * 1000:.1f} ms, "
+                     f"VAE decode {c['decode_s'] * 1000:.1f} ms)")
     if a.compile:
         c = record["compiled"]
         lines.append(f"compiled: student {c['student_s']:.3f} s ({c['student_gain']:.2f}x), teacher {c['teacher_s']:.3f} s "

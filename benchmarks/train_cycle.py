@@ -127,8 +127,15 @@ def main(argv=None) -> dict:
     default = resolve("auto", device, batch_size=a.batch).preset
     record = {"benchmark": "train_cycle", "device": name, "shape": a.shape, "res": res, "batch": a.batch, "rank": a.rank,
               "torch": torch.__version__, "default_preset": default, "presets": {}, "reference": {}}
+    errors = record["errors"] = {}
     for preset in [p for p in a.presets.split(",") if p]:
-        record["presets"][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype)
+        try:  # one failing configuration (an optimiser kernel, memory) must not take the others' numbers with it
+            record["presets"][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype)
+        except Exception as e:  # noqa: BLE001
+            errors[preset] = f"{type(e).__name__}: {e}"[:500]
+            print(f"ours {preset}: FAILED {errors[preset]}", flush=True)
+            sh.free(device)
+            continue
         print(f"ours {preset}: {r['cycle_s']:.3f} s/cycle, peak {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} GiB "
               f"(checkpointing {r['gradient_checkpointing']}, {r['optimizer']})", flush=True)
     ref = None if a.no_reference else find_reference(a.reference)
@@ -137,9 +144,15 @@ def main(argv=None) -> dict:
     if ref is not None:
         for ckpt in (False, True):
             key = "grad_ckpt" if ckpt else "no_ckpt"
-            record["reference"][key] = r = run_reference(ref, a.shape, res, a.batch, a.rank, a.cycles, ckpt)
-            sh.free(device)
-            print(f"naive {key}: {r['cycle_s']:.3f} s/cycle, peak {r['peak_gb']} GiB", flush=True)
+            try:
+                record["reference"][key] = r = run_reference(ref, a.shape, res, a.batch, a.rank, a.cycles, ckpt)
+            except Exception as e:  # noqa: BLE001
+                errors[f"naive_{key}"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"naive {key}: FAILED {errors[f'naive_{key}']}", flush=True)
+                continue
+            finally:
+                sh.free(device)
+            print(f"naive {key}: {r['cycle_s']:.3f} s/cycle, peak {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} GiB", flush=True)
     ratios, targets = {}, {}
     presets, refs = record["presets"], record["reference"]
     if default in presets and "no_ckpt" in refs:
@@ -153,14 +166,16 @@ def main(argv=None) -> dict:
     record["ratios"], record["targets_met"] = ratios, targets
     if device.type != "cuda":
         record["note"] = "CPU run: checks that the benchmark works; timings and targets are meaningful on a GPU only"
-    lines = [f"ours {k}: {v['cycle_s']:.3f} s/cycle, peak {v['peak_gb']} GiB, checkpointing {v['gradient_checkpointing']}, {v['optimizer']}"
+    gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"ours {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB, checkpointing {v['gradient_checkpointing']}, {v['optimizer']}"
              for k, v in presets.items()]
-    lines += [f"naive {k}: {v['cycle_s']:.3f} s/cycle, peak {v['peak_gb']} GiB" for k, v in refs.items()]
+    lines += [f"naive {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB" for k, v in refs.items()]
     lines += [f"{k}: {v:.3f}" for k, v in ratios.items()] + [f"target {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
+    lines += [f"FAILED {k}: {v}" for k, v in errors.items()]
     sh.append_results(Path(a.results) if a.results else None, "train_cycle", lines, record)
     print(json.dumps(record))
     return record
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)

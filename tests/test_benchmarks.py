@@ -27,7 +27,7 @@ def _bench(script: str, *args, results: Path) -> dict:
 
 def test_train_cycle_tiny(tmp_path):
     record = _bench("train_cycle.py", "--cycles", "1", "--rank", "8", "--presets", "12gb,80gb", results=tmp_path / "RESULTS.md")
-    assert record["benchmark"] == "train_cycle" and record["device"] == "cpu" and record["res"] == 128
+    assert record["benchmark"] == "train_cycle" and record["device"] == "cpu" and record["res"] == 128 and record["errors"] == {}
     for preset, checkpointing in (("12gb", True), ("80gb", False)):
         r = record["presets"][preset]
         assert r["cycle_s"] > 0 and r["losses_finite"] and r["gradient_checkpointing"] is checkpointing

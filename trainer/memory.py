@@ -11,6 +11,9 @@ For SDXL at 1024x1024, batch 1, LoRA rank 64 on DMD2's targets (about 197 M para
 head (about 105 M parameters), the fixed part is roughly: base 4.8 GiB, adapters 1.5 GiB, AdamW states 2.9 GiB
 (0.7 GiB in 8 bit), head with its state 1.2 GiB (0.6 GiB in 8 bit), gradients of the adapter being updated 0.7 GiB.
 Activations without checkpointing are the largest part (tens of GiB); with checkpointing about 1 GiB per sample.
+Measured on an H200 (benchmarks/train_cycle.py, one DMD2 cycle): peak 10.4 GiB for ``12gb`` (8-bit states),
+13.2 GiB for ``24gb`` and 28.6 GiB for ``80gb``. The ``12gb`` preset with bf16 states (no bitsandbytes) was not
+measured; the estimate above puts it about 1 GiB higher.
 
 | preset | gradient checkpointing | optimiser states | micro-batch | meant for |
 | ------ | ---------------------- | ---------------- | ----------- | --------- |
