@@ -8,7 +8,8 @@ Both use the project's samplers (trainer.generate.sample_student / sample_teache
 and the validation grids). The student is the UNet with its LoRA merged into the weights (what ComfyUI does when it
 patches a LoRA), so it costs exactly one base UNet call per step; the teacher's CFG runs conditional and
 unconditional as one batch of 2. ``--compile`` adds a torch.compile'd UNet (CUDA graphs via mode reduce-overhead)
-and reports its gain. Prints one JSON object as its last line and appends to benchmarks/RESULTS.md.
+and reports its gain; ``--channels-last`` does the same for the NHWC memory format (slower on an H200: 0.85x).
+Prints one JSON object as its last line and appends to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
