@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
               f"({c['teacher_gain']:.2f}x), {c['speedup']:.1f}x (UNet call {c['unet_call_s'] * 1000:.1f} ms, VAE decode "
               f"{c['decode_s'] * 1000:.1f} ms)", flush=True)
     if a.compile:
-        compiled = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)  # student and teacher batch sizes: two static graphs, not one dynamic one
+        # dynamic=False: the student's batch of 1 and the teacher's CFG batch of 2 get two static graphs, not one dynamic one
+        compiled = torch.compile(unet, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
         record["compiled"] = c = measure(compiled, vae, schedule, cond, uncond, latent, device, dtype, a.teacher_steps, a.cfg, a.runs)
         c["student_gain"], c["teacher_gain"] = eager["student_s"] / c["student_s"], eager["teacher_s"] / c["teacher_s"]
         print(f"compiled: student {c['student_s']:.3f} s ({c['student_gain']:.2f}x faster), teacher {c['teacher_s']:.3f} s "

@@ -5,11 +5,12 @@ ablations, same prompts and seeds in every row, scored by the toy evaluator.
     python benchmarks/toy/make_table.py --n 200 --steps 50 --out /tmp/t # a quick smoke run
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
-CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`, unchanged: the 4-step student is
-trained exactly as `dmd2 demo` trains its LoRA; the 1-step student gets 3x its iterations); and DMD2's ablations on the 4-step student: without the GAN loss,
-without backward simulation, and a full critic instead of the LoRA critic. Students are trained with the real trainer into `--work`; a student whose
-LoRA exists is not trained again (`--train-only` trains some in a parallel process first). Writes `results.json`
-(rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image) and `RESULTS.md` into `--out`.
+CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`: the 4-step student is trained
+exactly as `dmd2 demo` trains its LoRA, the 1-step student gets 3x its iterations); and DMD2's ablations on the
+4-step student: without the GAN loss, without backward simulation, and a full critic instead of the LoRA critic.
+Students are trained with the real trainer into `--work`; a student whose LoRA exists is not trained again
+(`--train-only` trains some in a parallel process first). Writes `results.json` (rows with name, steps, toy_fid,
+accuracy, diversity, seconds_per_image) and `RESULTS.md` into `--out`.
 """
 from __future__ import annotations
 
