@@ -84,8 +84,11 @@ def main(argv=None) -> dict:
     record["eager"] = eager = measure(unet, vae, schedule, cond, uncond, latent, device, dtype, a.teacher_steps, a.cfg, a.runs)
     print(f"eager: student {eager['student_s']:.3f} s, teacher {eager['teacher_s']:.3f} s, {eager['speedup']:.1f}x", flush=True)
     if a.channels_last:  # convolutions (most of the VAE decoder's time) in NHWC; attention is unaffected
-        unet.to(memory_format=torch.channels_last), vae.to(memory_format=torch.channels_last)
+        for model in (unet, vae):
+            model.to(memory_format=torch.channels_last)
         record["channels_last"] = c = measure(unet, vae, schedule, cond, uncond, latent, device, dtype, a.teacher_steps, a.cfg, a.runs)
+        for model in (unet, vae):  # back to the default layout, so that `--compile` is measured against eager alone
+            model.to(memory_format=torch.contiguous_format)
         c["student_gain"], c["teacher_gain"] = eager["student_s"] / c["student_s"], eager["teacher_s"] / c["teacher_s"]
         print(f"channels_last: student {c['student_s']:.3f} s ({c['student_gain']:.2f}x faster), teacher {c['teacher_s']:.3f} s "
               f"({c['teacher_gain']:.2f}x), {c['speedup']:.1f}x (UNet call {c['unet_call_s'] * 1000:.1f} ms, VAE decode "

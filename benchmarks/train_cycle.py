@@ -133,8 +133,9 @@ def main(argv=None) -> dict:
             record["presets"][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype)
         except Exception as e:  # noqa: BLE001
             errors[preset] = f"{type(e).__name__}: {e}"[:500]
-            print(f"ours {preset}: FAILED {errors[preset]}", flush=True)
+        if preset in errors:  # freed only here: inside `except`, the traceback still holds the failed run's tensors
             sh.free(device)
+            print(f"ours {preset}: FAILED {errors[preset]}", flush=True)
             continue
         print(f"ours {preset}: {r['cycle_s']:.3f} s/cycle, peak {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} GiB "
               f"(checkpointing {r['gradient_checkpointing']}, {r['optimizer']})", flush=True)

@@ -37,7 +37,20 @@ def test_train_cycle_tiny(tmp_path):
         assert set(record["ratios"]) == {"default_vs_naive", "12gb_vs_naive_ckpt"}
 
 
+def test_train_cycle_records_a_failing_configuration_and_runs_the_others(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_cycle.py"), "--shape", "tiny", "--cycles", "1", "--rank", "8",
+                          "--presets", "nonsense,80gb", "--no-reference", "--results", str(results)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO)
+    assert out.returncode == 1, out.stderr[-3000:]  # a failure is reported in the exit status too
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(record["errors"]) == {"nonsense"} and "memory must be one of" in record["errors"]["nonsense"]
+    assert set(record["presets"]) == {"80gb"} and record["presets"]["80gb"]["losses_finite"]
+    assert "FAILED nonsense" in results.read_text()
+
+
 def test_inference_tiny(tmp_path):
-    record = _bench("inference.py", "--runs", "1", "--teacher-steps", "6", results=tmp_path / "RESULTS.md")
+    record = _bench("inference.py", "--runs", "1", "--teacher-steps", "6", "--channels-last", results=tmp_path / "RESULTS.md")
     assert record["benchmark"] == "inference" and record["student_steps"] == 4 and record["teacher_steps"] == 6
     assert record["eager"]["student_s"] > 0 and record["eager"]["speedup"] > 1
+    assert record["channels_last"]["student_s"] > 0 and record["channels_last"]["student_gain"] > 0
