@@ -1,7 +1,7 @@
 """The toy quality table in one command: the bundled digits teacher against its DMD2 students and the paper's
 ablations, same prompts and seeds in every row, scored by the toy evaluator.
 
-    OMP_NUM_THREADS=1 python benchmarks/toy/make_table.py              # ~55 min on a 2-core CPU; resumable
+    OMP_NUM_THREADS=1 python benchmarks/toy/make_table.py              # ~55 min (estimated) on 2 cores; resumable
     python benchmarks/toy/make_table.py --n 200 --steps 50 --out /tmp/t # a quick smoke run
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
