@@ -101,6 +101,36 @@ def test_resume_and_extend_is_bit_exact(tmp_path, data_dir, tiny_sdxl_file):
     assert any(not torch.equal(before[k], a["student"][k]) for k in before)  # the extension really trained
 
 
+def test_cosine_schedule_and_gan_window_resume_bit_exact(tmp_path, data_dir, tiny_sdxl_file):
+    """A cosine run resumed from its half-way checkpoint (what Ctrl-C leaves) ends exactly like the straight run."""
+    import shutil
+
+    extra = {"steps": 6, "optim.lr_schedule": "cosine", "gan.max_t": 0.5, "checkpoint_every": 3}
+    cfg = _config(data_dir, tiny_sdxl_file, tmp_path / "straight", **extra)
+    train(load_config(base=cfg))
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-00000003", tmp_path / "resumed" / "checkpoints" / "step-00000003")
+    train(load_config(base=cfg, overrides=[f"output_dir={tmp_path / 'resumed'}"]), resume="latest")
+    a, b = _final_weights(tmp_path / "straight", 6), _final_weights(tmp_path / "resumed", 6)
+    for stem in a:
+        for key in a[stem]:
+            assert torch.equal(a[stem][key], b[stem][key]), f"{stem}:{key} differs after resume"
+    assert any(not torch.equal(a["student"][k], v) for k, v in  # steps 4-6 really trained
+               load_file(tmp_path / "straight" / "checkpoints" / "step-00000003" / "student.safetensors").items())
+
+
+def test_lr_schedule_factors():
+    from trainer.train import _lr_lambda
+
+    constant, cosine = _lr_lambda(4, 20), _lr_lambda(4, 20, "cosine")
+    assert [constant(s) for s in (0, 3, 19, 50)] == [0.25, 1.0, 1.0, 1.0]
+    assert [cosine(s) for s in (0, 3, 4)] == [0.25, 1.0, 1.0]
+    assert cosine(12) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0) and cosine(30) == pytest.approx(0.0)
+    with pytest.raises(Exception, match="lr_schedule must be constant or cosine"):
+        load_config(base={"model": "m", "prompts": "p", "optim": {"lr_schedule": "linear"}}).validate()
+    with pytest.raises(Exception, match=r"gan.max_t must be in \(0, 1\]"):
+        load_config(base={"model": "m", "prompts": "p", "gan": {"max_t": 0}}).validate()
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, data_dir, tiny_sdxl_file, monkeypatch):
     calls = {"n": 0}
     real = objectives.critic_denoising_loss

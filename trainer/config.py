@@ -48,6 +48,7 @@ class GANConfig:
     student_weight: float = 5e-3
     critic_weight: float = 1e-2
     head_lr: float | None = None  # default: dmd.critic_lr
+    max_t: float = 1.0  # real and fake are re-noised at t ~ U[0, max_t * T) before the head (DMD2: the full range)
     teacher_samples: int = 256  # with real_data: teacher
     teacher_steps: int = 50
     teacher_cfg: float = 6.0
@@ -59,7 +60,8 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 10.0
-    warmup_steps: int = 500  # linear warm-up, then constant (DMD2's schedule; makes resume-and-extend exact)
+    warmup_steps: int = 500  # linear warm-up, then `lr_schedule`
+    lr_schedule: str = "constant"  # "constant" (DMD2's; makes resume-and-extend exact) or "cosine" (to 0 at `steps`)
     optimizer: str = "auto"  # "auto" (from the memory preset), "adamw" or "adamw8bit" (bitsandbytes, CUDA only)
 
 
@@ -129,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"gan.real_data must be auto, images, teacher or none, got {self.gan.real_data!r}")
         if self.gan.real_data == "images" and not self.images:
             raise ConfigError("gan.real_data is 'images' but `images` is not set: point it at a folder of images")
+        if not 0.0 < self.gan.max_t <= 1.0:
+            raise ConfigError(f"gan.max_t must be in (0, 1], got {self.gan.max_t}")
         if self.dmd.uncond not in ("zeros", "empty_prompt"):
             raise ConfigError(f"dmd.uncond must be 'zeros' or 'empty_prompt', got {self.dmd.uncond!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -140,6 +144,8 @@ class TrainConfig:
             raise ConfigError(f"memory must be auto, 12gb, 24gb or 80gb, got {self.memory!r}")
         if self.optim.optimizer not in ("auto", "adamw", "adamw8bit"):
             raise ConfigError(f"optim.optimizer must be auto, adamw or adamw8bit, got {self.optim.optimizer!r}")
+        if self.optim.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size must be a positive number, got {self.micro_batch_size}")
         if self.resolution % 8:

@@ -28,6 +28,7 @@ class DMD2Settings:
     gan_student_weight: float = 5e-3
     gan_critic_weight: float = 1e-2
     use_gan: bool = True
+    gan_t_max: int = 999  # the GAN re-noises real and fake at t ~ U[0, gan_t_max]
 
 
 @dataclass
@@ -98,7 +99,7 @@ def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedu
         p_fake = output_to_x0(schedule, roles.critic(x_t, t, cond), x_t, t).double()
     loss = losses.add("student/dmd", obj.dmd_loss(x0, p_real, p_fake))
     if settings.use_gan and head is not None:
-        t_gan = rng.timesteps(batch, 0, schedule.num_train_timesteps - 1, x0.device)
+        t_gan = rng.timesteps(batch, 0, settings.gan_t_max, x0.device)
         noisy = add_noise(schedule, x0, rng.randn(x0.shape, x0), t_gan)
         logits = head(roles.critic_features(noisy, t_gan, cond))
         loss = loss + settings.gan_student_weight * losses.add("student/gan", obj.gan_student_loss(logits))
@@ -118,9 +119,9 @@ def critic_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedul
     prediction = roles.critic(x_t, t, cond)
     loss = losses.add("critic/denoise", obj.critic_denoising_loss(prediction, training_target(schedule, fake_x0, eps, t)))
     if settings.use_gan and head is not None and real_x0 is not None:
-        t_fake = rng.timesteps(batch, 0, T - 1, fake_x0.device)
+        t_fake = rng.timesteps(batch, 0, settings.gan_t_max, fake_x0.device)
         fake_noisy = add_noise(schedule, fake_x0, rng.randn(fake_x0.shape, fake_x0), t_fake)
-        t_real = rng.timesteps(real_x0.shape[0], 0, T - 1, fake_x0.device)
+        t_real = rng.timesteps(real_x0.shape[0], 0, settings.gan_t_max, fake_x0.device)
         real_noisy = add_noise(schedule, real_x0, rng.randn(real_x0.shape, real_x0), t_real)
         if real_noisy.shape[1:] == fake_noisy.shape[1:]:  # one forward for both halves (same bucket)
             both = roles.critic_features(torch.cat([fake_noisy, real_noisy]), torch.cat([t_fake, t_real]), Conditioning.cat([cond, real_cond]))

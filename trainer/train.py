@@ -64,8 +64,16 @@ class StopFlag:
             signal.signal(signal.SIGINT, previous)
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def _lr_lambda(warmup: int, total: int, kind: str = "constant"):
+    """LR factor per optimiser step: linear warm-up over ``warmup`` steps, then constant or a cosine to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
 
 
 def _finite_or_stop(losses: Losses, step: int):
@@ -127,7 +135,8 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
     head = GANHead.for_unet(unet, latent_shape[-1]).to(device) if use_gan else None
     settings = DMD2Settings(tuple(cfg.student.timesteps), cfg.student.backward_simulation, cfg.dmd.guidance_scale,
                             dmd_timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
-                            cfg.gan.student_weight, cfg.gan.critic_weight, use_gan)
+                            cfg.gan.student_weight, cfg.gan.critic_weight, use_gan,
+                            max(0, math.ceil(cfg.gan.max_t * schedule.num_train_timesteps) - 1))
     adamw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay, kind=plan.optimizer, device=device, quiet=quiet)
     student_params = roles.student_parameters()
     critic_groups = [{"params": roles.critic_parameters(), "lr": cfg.dmd.critic_lr}]
@@ -136,8 +145,9 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
     critic_params = [p for g in critic_groups for p in g["params"]]
     student_opt = make_optimizer(student_params, lr=cfg.student.lr, **adamw)
     critic_opt = make_optimizer(critic_groups, lr=cfg.dmd.critic_lr, **adamw)
-    student_sched = torch.optim.lr_scheduler.LambdaLR(student_opt, _lr_lambda(cfg.optim.warmup_steps // cfg.student.update_every))
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, _lr_lambda(cfg.optim.warmup_steps))
+    every, kind = cfg.student.update_every, cfg.optim.lr_schedule  # the student's scheduler counts its own updates
+    student_sched = torch.optim.lr_scheduler.LambdaLR(student_opt, _lr_lambda(cfg.optim.warmup_steps // every, -(-cfg.steps // every), kind))
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, _lr_lambda(cfg.optim.warmup_steps, cfg.steps, kind))
     if autocast is None:
         autocast = lambda: torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)  # noqa: E731
     return TrainingSetup(roles, head, schedule, settings, student_opt, critic_opt, student_sched, critic_sched, student_params,
