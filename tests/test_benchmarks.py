@@ -54,3 +54,25 @@ def test_inference_tiny(tmp_path):
     assert record["benchmark"] == "inference" and record["student_steps"] == 4 and record["teacher_steps"] == 6
     assert record["eager"]["student_s"] > 0 and record["eager"]["speedup"] > 1
     assert record["channels_last"]["student_s"] > 0 and record["channels_last"]["student_gain"] > 0
+
+
+def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_file):
+    """The table command on a teacher other than the bundled one (as a reviewer's second teacher would be): every
+    student is trained from it, the table names it, and its students are never reused for another teacher."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--n", "20", "--steps", "2", "--work", str(tmp_path / "work")]
+    out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_file)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert len(rows) == 9 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert f"--teacher {tiny_sdxl_file}" in (tmp_path / "work" / "RESULTS.md").read_text()
+    from safetensors import safe_open
+
+    from trainer.models.hashing import content_hash
+    loras = sorted((tmp_path / "work").glob("*/dmd2_*_lora.safetensors"))
+    assert len(loras) == 6
+    for lora in loras:
+        with safe_open(lora, "pt") as f:
+            assert f.metadata()["dmd2.teacher_hash"] == content_hash(tiny_sdxl_file)
+    refused = subprocess.run([*cmd, "--train-only", "student-4"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert refused.returncode != 0 and "distilled from another teacher" in refused.stderr.strip().splitlines()[-1]

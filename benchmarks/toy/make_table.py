@@ -3,6 +3,8 @@ ablations, same prompts and seeds in every row, scored by the toy evaluator.
 
     OMP_NUM_THREADS=1 python benchmarks/toy/make_table.py              # ~55 min (estimated) on 2 cores; resumable
     python benchmarks/toy/make_table.py --n 200 --steps 50 --out /tmp/t # a quick smoke run
+    python benchmarks/toy/make_table.py --teacher outputs/teacher2/digits_teacher.safetensors  # another teacher
+        # (from `train_teacher.py --out outputs/teacher2`); students and table go to outputs/toy_table-<hash>/
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
 CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`: the 4-step student is trained
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from trainer.config import load_config  # noqa: E402
 from trainer.demo import demo_config_path, write_demo_data  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
+from trainer.models.hashing import content_hash  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
@@ -48,24 +51,30 @@ STUDENTS = {
 }
 
 
-def trained_lora(work: Path, sid: str) -> Path | None:
-    """The LoRA a previous (or `--train-only`) run already wrote for this student, if any."""
+def trained_lora(work: Path, sid: str, teacher: Path | None = None) -> Path | None:
+    """The LoRA a previous (or `--train-only`) run already wrote for this student from this teacher, if any."""
     done = sorted((work / sid).glob("dmd2_*_lora.safetensors"))
-    return done[-1] if done else None
+    if not done:
+        return None
+    trained_from = read_lora(done[-1])[1].get("dmd2.teacher_hash")
+    if trained_from != content_hash(teacher or teacher_path()):
+        raise SystemExit(f"error: {done[-1]} was distilled from another teacher: pass a fresh --work for this one")
+    return done[-1]
 
 
-def train_student(sid: str, overrides: list[str], work: Path, data: tuple[Path, Path], steps: int | None) -> Path:
+def train_student(sid: str, overrides: list[str], work: Path, data: tuple[Path, Path], steps: int | None,
+                  teacher: Path | None = None) -> Path:
     from trainer.train import train
 
     out = work / sid
-    done = trained_lora(work, sid)
+    done = trained_lora(work, sid, teacher)
     if done:
         print(f"{sid}: reusing {done}")
         return done
     prompts, images = data
     extra = [f"steps={steps}"] if steps else []
     cfg = load_config(demo_config_path(), overrides + extra,
-                      base={"model": str(teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out)})
+                      base={"model": str(teacher or teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out)})
     resume = "latest" if (out / "checkpoints").is_dir() else None
     return train(cfg, resume=resume)
 
@@ -76,20 +85,29 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="training iterations per student (default: demo.yaml's, as "
                    "`dmd2 demo` trains)")
-    p.add_argument("--work", type=Path, default=ROOT / "outputs" / "toy_table")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "toy")
+    p.add_argument("--teacher", type=Path, default=None, help="another digits teacher (a single-file SDXL checkpoint, e.g. "
+                   "from `train_teacher.py --out`); default: the bundled one")
+    p.add_argument("--work", type=Path, default=None, help="where students are trained (default: outputs/toy_table, "
+                   "or outputs/toy_table-<hash> for --teacher)")
+    p.add_argument("--out", type=Path, default=None, help="where the table goes (default: benchmarks/toy, or --work for "
+                   "--teacher)")
     p.add_argument("--train-only", metavar="IDS", help=f"only train these students (comma-separated: {','.join(STUDENTS)}), e.g. to "
                    "train several in parallel processes before one run that evaluates everything")
     args = p.parse_args()
+    if args.teacher is not None and not args.teacher.is_file():
+        raise SystemExit(f"error: teacher {args.teacher} does not exist: pass a single-file checkpoint")
+    args.work = args.work or ROOT / "outputs" / ("toy_table" + (f"-{content_hash(args.teacher)[:8]}" if args.teacher else ""))
+    args.out = args.out or (args.work if args.teacher else ROOT / "benchmarks" / "toy")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.train_only:
         data = write_demo_data(args.work / "data")
         for sid in args.train_only.split(","):
-            train_student(sid, STUDENTS[sid][2], args.work, data, args.steps)
+            train_student(sid, STUDENTS[sid][2], args.work, data, args.steps, args.teacher)
         return
     digits = [i % 10 for i in range(args.n)]
     evaluator = ToyEvaluator.load()
-    teacher = load_sdxl(teacher_path())
+    teacher_file = args.teacher or teacher_path()
+    teacher = load_sdxl(teacher_file)
 
     def score(row: Row, model) -> dict:
         images, seconds = sample_row(model, row, digits, seed=args.seed)
@@ -104,11 +122,11 @@ def main() -> None:
     rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
     data = write_demo_data(args.work / "data")
     for sid, (name, k, overrides) in STUDENTS.items():
-        trained_here = trained_lora(args.work, sid) is None
+        trained_here = trained_lora(args.work, sid, args.teacher) is None
         t0 = time.perf_counter()
-        lora = train_student(sid, overrides, args.work, data, args.steps)
+        lora = train_student(sid, overrides, args.work, data, args.steps, args.teacher)
         train_minutes = (time.perf_counter() - t0) / 60
-        student = load_sdxl(teacher_path())
+        student = load_sdxl(teacher_file)
         tensors, meta = read_lora(lora)
         merge_into_unet(student.unet, tensors)
         timesteps = tuple(json.loads(meta["dmd2.timesteps"]))
@@ -116,7 +134,7 @@ def main() -> None:
         if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
             r["train_minutes"] = round(train_minutes, 1)
         rows.append(r)
-    results = {"n": args.n, "seed": args.seed, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
+    results = {"n": args.n, "seed": args.seed, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -125,12 +143,20 @@ def main() -> None:
     print(f"wrote {args.out / 'RESULTS.md'}")
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (what a reader would type), else as given."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def table_markdown(results: dict) -> str:
     rows, teacher50 = results["rows"], results["rows"][0]
     lines = ["# Toy quality table: the digits teacher and its DMD2 students", "",
-             f"{results['n']} images per row (digits 0-9 cycled, prompt \"a handwritten digit <word>\"), seed {results['seed']}, "
+             (f"Teacher `{results['teacher']}`; " if results.get("teacher") else "The bundled digits teacher; ") + f"{results['n']} images per row (digits 0-9 cycled, prompt \"a handwritten digit <word>\"), seed {results['seed']}, "
              f"the same noise for image i in every row; CPU, {results['threads']} thread(s), torch {results['torch']}. "
-             "Regenerate: `python benchmarks/toy/make_table.py`.", "",
+             "Regenerate: `python benchmarks/toy/make_table.py" + (f" --teacher {results['teacher']}" if results.get("teacher") else "") + "`.", "",
              "| row | steps | toy FID | FID / teacher-50 | accuracy | diversity | ms / image |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['steps']} | {r['toy_fid']:.2f} | {r['toy_fid'] / teacher50['toy_fid']:.2f} | {r['accuracy']:.3f} | "

@@ -3,6 +3,8 @@ single-file SDXL checkpoint: trainer/assets/toy_teacher/digits_teacher.safetenso
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py            # VAE, then UNet, then export
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --stage unet  # reuse outputs/toy_teacher/vae
+    # a second, different teacher (its own folder; work files in <out>/work), e.g. for make_table.py --teacher:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --seed 1 --channels 32 64 --out outputs/teacher2
 
 What it builds (every config goes through ``trainer.models.architecture``, the functions the loader uses, so the
 exported file reloads through ``load_sdxl`` into exactly these models):
@@ -214,8 +216,8 @@ def train_unet(args, latents_mean, latents_std, labels, emb_table, pooled_table)
 def export(args, unet, te1, te2, vae, extra: dict) -> None:
     from trainer.models.single_file import save_sdxl_single_file
 
-    ASSET_DIR.mkdir(parents=True, exist_ok=True)
-    out = ASSET_DIR / "digits_teacher.safetensors"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "digits_teacher.safetensors"
     half = lambda m: copy.deepcopy(m).to(torch.float16)  # noqa: E731
     meta = {"dmd2.toy_teacher": "handwritten digits (scikit-learn load_digits), see teacher.json"}
     save_sdxl_single_file(out, half(unet), half(te1), half(te2), half(vae), metadata=meta)
@@ -247,11 +249,11 @@ def export(args, unet, te1, te2, vae, extra: dict) -> None:
             "vae": {"block_out_channels": list(VAE.block_out_channels), "layers_per_block": VAE.layers_per_block,
                     "latent_channels": VAE.latent_channels, "downsampling": 4},
         },
-        "training": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "training": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         **extra,
     }
-    (ASSET_DIR / "teacher.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (args.out / "teacher.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) sha256 {info['sha256']}")
 
 
@@ -271,9 +273,12 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--channels", type=int, nargs="+", default=[64, 64])
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ASSET_DIR, help="where the checkpoint and teacher.json go (default: the "
+                   "bundled teacher's folder); another folder makes a second teacher, e.g. for make_table.py --teacher")
     args = p.parse_args()
     torch.set_num_threads(1)
-    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    work = WORK_DIR if args.out == ASSET_DIR else args.out / "work"  # a second teacher never reuses the bundled one's VAE
+    work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
     images, labels = load_digits_32()
@@ -281,7 +286,7 @@ def main() -> None:
     te1, te2 = build_text_encoders(args.seed)
     emb_table, pooled_table = prompt_table(te1, te2)
 
-    vae_file = WORK_DIR / "vae.pt"
+    vae_file = work / "vae.pt"
     if args.stage in ("all", "vae") or not vae_file.exists():
         t0 = time.time()
         vae = train_vae(args, images_rgb)
@@ -306,7 +311,7 @@ def main() -> None:
     t0 = time.time()
     unet = train_unet(args, lat_mean, lat_std, labels, emb_table, pooled_table)
     unet_seconds = time.time() - t0
-    torch.save(unet.state_dict(), WORK_DIR / "unet_ema.pt")
+    torch.save(unet.state_dict(), work / "unet_ema.pt")
     export(args, unet, te1, te2, vae, {
         "vae_train_seconds": round(saved.get("seconds", 0.0), 1),
         "unet_train_seconds": round(unet_seconds, 1),
