@@ -116,6 +116,9 @@ def test_cosine_schedule_and_gan_window_resume_bit_exact(tmp_path, data_dir, tin
             assert torch.equal(a[stem][key], b[stem][key]), f"{stem}:{key} differs after resume"
     assert any(not torch.equal(a["student"][k], v) for k, v in  # steps 4-6 really trained
                load_file(tmp_path / "straight" / "checkpoints" / "step-00000003" / "student.safetensors").items())
+    lrs = {step: torch.load(tmp_path / "straight" / "checkpoints" / f"step-{step:08d}" / "training_state.pt",
+                            weights_only=True)["critic_sched"]["_last_lr"][0] for step in (3, 6)}
+    assert 0 < lrs[3] < 5e-5 * 0.99 and lrs[6] == pytest.approx(0.0, abs=1e-12)  # the cosine really ran (critic LR 5e-5)
 
 
 def test_lr_schedule_factors():
