@@ -47,7 +47,8 @@ def test_critic_denoising_loss_is_mse():
 
 
 def test_timestep_window_and_sampling_bounds():
-    assert obj.dmd_timestep_range(1000) == (20, 980)
+    assert obj.timestep_range(1000) == (20, 980)
+    assert obj.timestep_range(1000, 0.0, 1.0) == (0, 999) and obj.timestep_range(1000, 0.0, 0.5) == (0, 500)
     g = torch.Generator().manual_seed(0)
     t = obj.sample_timesteps(10_000, 20, 980, g)
     assert t.min() >= 20 and t.max() <= 980 and t.dtype == torch.int64

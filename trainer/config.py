@@ -48,7 +48,7 @@ class GANConfig:
     student_weight: float = 5e-3
     critic_weight: float = 1e-2
     head_lr: float | None = None  # default: dmd.critic_lr
-    max_t: float = 1.0  # real and fake are re-noised at t ~ U[0, max_t * T) before the head (DMD2: the full range)
+    max_t: float = 1.0  # real and fake are re-noised at t ~ U[0, max_t * T] (capped at T - 1) before the head (DMD2: all of it)
     teacher_samples: int = 256  # with real_data: teacher
     teacher_steps: int = 50
     teacher_cfg: float = 6.0

@@ -44,6 +44,7 @@ def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator
     return torch.randint(low, high + 1, (batch,), generator=generator, device=generator.device).to(device)
 
 
-def dmd_timestep_range(num_train_timesteps: int, min_fraction: float = 0.02, max_fraction: float = 0.98) -> tuple[int, int]:
-    """DMD's window for the distribution-matching loss: [0.02 T, 0.98 T] (20..980 for T = 1000)."""
-    return int(min_fraction * num_train_timesteps), int(max_fraction * num_train_timesteps)
+def timestep_range(num_train_timesteps: int, min_fraction: float = 0.02, max_fraction: float = 0.98) -> tuple[int, int]:
+    """An inclusive integer window [min_fraction T, max_fraction T], capped at T - 1. The defaults are DMD's window for
+    the distribution-matching loss (20..980 for T = 1000); the GAN's re-noising uses [0, gan.max_t]."""
+    return int(min_fraction * num_train_timesteps), min(int(max_fraction * num_train_timesteps), num_train_timesteps - 1)

@@ -26,7 +26,7 @@ from trainer.export import kohya_state_dict, recipe_metadata, save_safetensors_a
 from trainer.memory import MemoryPlan, enable_gradient_checkpointing, make_optimizer, resolve as resolve_memory
 from trainer.models.gan_head import GANHead
 from trainer.models.roles import CRITIC, STUDENT, Conditioning, DMD2Roles
-from trainer.objectives import dmd_timestep_range
+from trainer.objectives import timestep_range
 from trainer.prepare import PreparedData, RealData, prepare
 from trainer.schedule import output_to_x0
 
@@ -134,9 +134,9 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
     use_gan = cfg.gan_real_data != "none"
     head = GANHead.for_unet(unet, latent_shape[-1]).to(device) if use_gan else None
     settings = DMD2Settings(tuple(cfg.student.timesteps), cfg.student.backward_simulation, cfg.dmd.guidance_scale,
-                            dmd_timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
+                            timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
                             cfg.gan.student_weight, cfg.gan.critic_weight, use_gan,
-                            max(0, math.ceil(cfg.gan.max_t * schedule.num_train_timesteps) - 1))
+                            timestep_range(schedule.num_train_timesteps, 0.0, cfg.gan.max_t)[1])
     adamw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay, kind=plan.optimizer, device=device, quiet=quiet)
     student_params = roles.student_parameters()
     critic_groups = [{"params": roles.critic_parameters(), "lr": cfg.dmd.critic_lr}]

@@ -277,7 +277,8 @@ def main() -> None:
                    "bundled teacher's folder); another folder makes a second teacher, e.g. for make_table.py --teacher")
     args = p.parse_args()
     torch.set_num_threads(1)
-    work = WORK_DIR if args.out == ASSET_DIR else args.out / "work"  # a second teacher never reuses the bundled one's VAE
+    bundled = args.out.resolve() == ASSET_DIR.resolve()  # also when --out names the bundled folder by a relative path
+    work = WORK_DIR if bundled else args.out / "work"  # a second teacher never reuses the bundled one's VAE
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
