@@ -4,3 +4,5 @@ try:
     from ..trainer import errors, sampling  # noqa: F401  (repo cloned into ComfyUI/custom_nodes/)
 except ImportError:
     from trainer import errors, sampling  # noqa: F401  (pip install, or the repo root on sys.path)
+
+__all__ = ["errors", "sampling"]
