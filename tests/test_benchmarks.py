@@ -76,3 +76,8 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_file):
             assert f.metadata()["dmd2.teacher_hash"] == content_hash(tiny_sdxl_file)
     refused = subprocess.run([*cmd, "--train-only", "student-4"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert refused.returncode != 0 and "distilled from another teacher" in refused.stderr.strip().splitlines()[-1]
+    # nor for another config (here more iterations): a stale student would silently fill the new table's row
+    cmd[cmd.index("--steps") + 1] = "3"
+    refused = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_file), "--train-only", "student-2"], capture_output=True, text=True,
+                             timeout=300, env=env, cwd=REPO)
+    assert refused.returncode != 0 and "trained with another config (steps)" in refused.stderr.strip().splitlines()[-1]

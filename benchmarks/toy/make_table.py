@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import load_config  # noqa: E402
+from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
 from trainer.demo import demo_config_path, write_demo_data  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
@@ -51,8 +52,30 @@ STUDENTS = {
 }
 
 
-def trained_lora(work: Path, sid: str, teacher: Path | None = None) -> Path | None:
-    """The LoRA a previous (or `--train-only`) run already wrote for this student from this teacher, if any."""
+def student_config(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None) -> TrainConfig:
+    """demo.yaml + the student's overrides (+ ``--steps``), trained from ``teacher`` into ``work/sid``."""
+    prompts, images = data
+    extra = [f"steps={steps}"] if steps else []
+    return load_config(demo_config_path(), STUDENTS[sid][2] + extra,
+                       base={"model": str(teacher or teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(work / sid)})
+
+
+# where a run read and wrote, not what it trained; the teacher is compared by content (dmd2.teacher_hash), not path
+_WHERE_KEYS = ("model", "output_dir", "prompts", "images")
+
+
+def trained_lora(work: Path, sid: str, teacher: Path | None, cfg: TrainConfig) -> Path | None:
+    """The LoRA a previous (or `--train-only`) run already wrote for this student from this teacher with this config,
+    if any. A folder trained (or started) with another config, or whose LoRA came from another teacher, is refused:
+    never reused or resumed."""
+    saved = work / sid / "config.yaml"
+    if saved.is_file():
+        # both through the loader, so keys added to the config since (at their defaults) compare equal
+        was, now = (yaml.safe_load(dump_yaml(c.validate())) for c in (load_config(saved), cfg))
+        differ = sorted(k for k in was.keys() | now.keys() if k not in _WHERE_KEYS and was.get(k) != now.get(k))
+        if differ:
+            raise SystemExit(f"error: {work / sid} was trained with another config ({', '.join(differ)}): delete it or pass a "
+                             "fresh --work")
     done = sorted((work / sid).glob("dmd2_*_lora.safetensors"))
     if not done:
         return None
@@ -62,20 +85,15 @@ def trained_lora(work: Path, sid: str, teacher: Path | None = None) -> Path | No
     return done[-1]
 
 
-def train_student(sid: str, overrides: list[str], work: Path, data: tuple[Path, Path], steps: int | None,
-                  teacher: Path | None = None) -> Path:
+def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None) -> Path:
     from trainer.train import train
 
-    out = work / sid
-    done = trained_lora(work, sid, teacher)
+    cfg = student_config(sid, work, data, steps, teacher)
+    done = trained_lora(work, sid, teacher, cfg)
     if done:
         print(f"{sid}: reusing {done}")
         return done
-    prompts, images = data
-    extra = [f"steps={steps}"] if steps else []
-    cfg = load_config(demo_config_path(), overrides + extra,
-                      base={"model": str(teacher or teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out)})
-    resume = "latest" if (out / "checkpoints").is_dir() else None
+    resume = "latest" if (work / sid / "checkpoints").is_dir() else None
     return train(cfg, resume=resume)
 
 
@@ -102,7 +120,7 @@ def main() -> None:
     if args.train_only:
         data = write_demo_data(args.work / "data")
         for sid in args.train_only.split(","):
-            train_student(sid, STUDENTS[sid][2], args.work, data, args.steps, args.teacher)
+            train_student(sid, args.work, data, args.steps, args.teacher)
         return
     digits = [i % 10 for i in range(args.n)]
     evaluator = ToyEvaluator.load()
@@ -121,10 +139,10 @@ def main() -> None:
     rows = [dict(best, name=f"teacher 50 steps (best CFG {w:g})")]
     rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
     data = write_demo_data(args.work / "data")
-    for sid, (name, k, overrides) in STUDENTS.items():
-        trained_here = trained_lora(args.work, sid, args.teacher) is None
+    for sid, (name, k, _) in STUDENTS.items():
+        trained_here = trained_lora(args.work, sid, args.teacher, student_config(sid, args.work, data, args.steps, args.teacher)) is None
         t0 = time.perf_counter()
-        lora = train_student(sid, overrides, args.work, data, args.steps, args.teacher)
+        lora = train_student(sid, args.work, data, args.steps, args.teacher)
         train_minutes = (time.perf_counter() - t0) / 60
         student = load_sdxl(teacher_file)
         tensors, meta = read_lora(lora)
