@@ -99,7 +99,7 @@ def run_preset(preset: str, shape: str, res: int, batch: int, rank: int, cycles:
     peak = sh.peak_gib(device)
     finite = all(math.isfinite(v) for v in losses.values())
     optimizer = type(setup.critic_opt).__module__.split(".")[0] + "." + type(setup.critic_opt).__name__
-    setup = unet = real = cond = None  # drop the models before freeing (`del` would leave cycle()'s closure dangling)
+    setup = unet = real = cond = None  # drop the models before freeing (assigned, not del'd: cycle() still names setup)
     sh.free(device)
     return {"cycle_s": sh.median(times), "peak_gb": peak, "peak_gb_with_warmup": max(peak or 0, peak_warm or 0) if peak is not None else None,
             "gradient_checkpointing": plan.gradient_checkpointing, "optimizer": optimizer, "micro_batch": plan.micro_batch_size, "losses_finite": finite}

@@ -11,8 +11,9 @@ CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`:
 exactly as `dmd2 demo` trains its LoRA, the 1-step student gets 3x its iterations); and DMD2's ablations on the
 4-step student: without the GAN loss, without backward simulation, and a full critic instead of the LoRA critic.
 Students are trained with the real trainer into `--work`; a student whose LoRA exists is not trained again
-(`--train-only` trains some in a parallel process first). Writes `results.json` (rows with name, steps, toy_fid,
-accuracy, diversity, seconds_per_image) and `RESULTS.md` into `--out`.
+(`--train-only` trains some in a parallel process first), and one trained with another config or teacher is
+refused. Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image) and
+`RESULTS.md` into `--out`.
 """
 from __future__ import annotations
 
