@@ -86,16 +86,17 @@ def trained_lora(work: Path, sid: str, teacher: Path | None, cfg: TrainConfig) -
     return done[-1]
 
 
-def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None) -> Path:
+def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None) -> tuple[Path, bool]:
+    """The student's LoRA, and whether it was trained (or finished) by this call rather than reused."""
     from trainer.train import train
 
     cfg = student_config(sid, work, data, steps, teacher)
     done = trained_lora(work, sid, teacher, cfg)
     if done:
         print(f"{sid}: reusing {done}")
-        return done
+        return done, False
     resume = "latest" if (work / sid / "checkpoints").is_dir() else None
-    return train(cfg, resume=resume)
+    return train(cfg, resume=resume), True
 
 
 def main() -> None:
@@ -141,9 +142,8 @@ def main() -> None:
     rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
     data = write_demo_data(args.work / "data")
     for sid, (name, k, _) in STUDENTS.items():
-        trained_here = trained_lora(args.work, sid, args.teacher, student_config(sid, args.work, data, args.steps, args.teacher)) is None
         t0 = time.perf_counter()
-        lora = train_student(sid, args.work, data, args.steps, args.teacher)
+        lora, trained_here = train_student(sid, args.work, data, args.steps, args.teacher)
         train_minutes = (time.perf_counter() - t0) / 60
         student = load_sdxl(teacher_file)
         tensors, meta = read_lora(lora)
