@@ -146,7 +146,7 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
     student_opt = make_optimizer(student_params, lr=cfg.student.lr, **adamw)
     critic_opt = make_optimizer(critic_groups, lr=cfg.dmd.critic_lr, **adamw)
     every, kind = cfg.student.update_every, cfg.optim.lr_schedule  # the student's scheduler counts its own updates
-    student_sched = torch.optim.lr_scheduler.LambdaLR(student_opt, _lr_lambda(cfg.optim.warmup_steps // every, -(-cfg.steps // every), kind))
+    student_sched = torch.optim.lr_scheduler.LambdaLR(student_opt, _lr_lambda(cfg.optim.warmup_steps // every, math.ceil(cfg.steps / every), kind))
     critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, _lr_lambda(cfg.optim.warmup_steps, cfg.steps, kind))
     if autocast is None:
         autocast = lambda: torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)  # noqa: E731
