@@ -121,6 +121,27 @@ def test_cosine_schedule_and_gan_window_resume_bit_exact(tmp_path, data_dir, tin
     assert 0 < lrs[3] < 5e-5 * 0.99 and lrs[6] == pytest.approx(0.0, abs=1e-12)  # the cosine really ran (critic LR 5e-5)
 
 
+@pytest.mark.parametrize("max_t, window", [(0.5, (0, 500)), (1.0, (0, 999))])
+def test_gan_timesteps_stay_in_the_configured_window(tmp_path, data_dir, tiny_sdxl_file, monkeypatch, max_t, window):
+    """Every timestep at which the GAN re-noises real and fake samples (critic and student side) lies in
+    [0, gan.max_t * 1000]; with the default window the draws do go past 500, so the spy sees the setting work."""
+    from trainer.models.roles import DMD2Roles
+
+    seen: list[torch.Tensor] = []
+    real = DMD2Roles.critic_features
+
+    def spy(self, x, t, cond):
+        seen.append(t.detach().cpu())
+        return real(self, x, t, cond)
+
+    monkeypatch.setattr(DMD2Roles, "critic_features", spy)
+    train(load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "run", **{"gan.max_t": max_t})))
+    t = torch.cat(seen)
+    assert len(t) == 6 * 2 * 2 + 3 * 2  # 6 critic updates (fake + real, batch 2) and 3 student updates (fake)
+    assert window[0] <= int(t.min()) and int(t.max()) <= window[1]
+    assert (int(t.max()) > 500) == (max_t == 1.0)
+
+
 def test_lr_schedule_factors():
     from trainer.train import _lr_lambda
 
