@@ -44,8 +44,8 @@ STUDENTS = {
     "student-4": ("student 4-step", 4, []),
     "student-2": ("student 2-step", 2, ["student.timesteps=2"]),
     # DMD2 trains its 1-step generators far longer than its few-step ones. Here the 1-step student improves until 3x the
-    # demo's iterations and is flat after (FID 3.94 / 2.76 / 1.97 at 1,200 / 2,400 / 3,600; 1.7-2.0 up to 7,200:
-    # NOTES.md). `--steps` wins.
+    # demo's iterations and is flat after (critic LR 1e-3: FID 3.94 / 2.76 / 1.97 at 1,200 / 2,400 / 3,600, 1.7-2.0 up
+    # to 7,200; NOTES.md). `--steps` wins.
     "student-1": ("student 1-step", 1, ["student.timesteps=1", "steps=3600", "checkpoint_every=1200"]),
     "no-gan": ("4-step, without GAN loss", 4, ["gan.real_data=none"]),
     "no-backsim": ("4-step, without backward simulation", 4, ["student.backward_simulation=false"]),
