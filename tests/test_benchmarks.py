@@ -61,11 +61,14 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_file):
     student is trained from it, the table names it, and its students are never reused for another teacher."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--n", "20", "--steps", "2", "--work", str(tmp_path / "work")]
-    out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_file)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_file), "--cfg-sweep", "1,2"], capture_output=True, text=True, timeout=900,
+                         env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "work" / "results.json").read_text())
+    full = json.loads((tmp_path / "work" / "results_full.json").read_text())
+    assert [r["cfg"] for r in full["teacher_cfg_sweep"]] == [1.0, 2.0] and rows[0]["cfg"] in (1.0, 2.0)
     assert len(rows) == 9 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
-    assert f"--teacher {tiny_sdxl_file}" in (tmp_path / "work" / "RESULTS.md").read_text()
+    assert f"--teacher {tiny_sdxl_file} --cfg-sweep 1,2`" in (tmp_path / "work" / "RESULTS.md").read_text()
     from safetensors import safe_open
 
     from trainer.models.hashing import content_hash

@@ -111,6 +111,8 @@ def main() -> None:
                    "or outputs/toy_table-<hash> for --teacher)")
     p.add_argument("--out", type=Path, default=None, help="where the table goes (default: benchmarks/toy, or --work for "
                    "--teacher)")
+    p.add_argument("--cfg-sweep", type=_cfg_list, default=CFG_SWEEP, metavar="W,W,...", help="the teacher's 50-step "
+                   "guidance scales; the best is the teacher-50 row (default: " + ",".join(f"{w:g}" for w in CFG_SWEEP) + ")")
     p.add_argument("--train-only", metavar="IDS", help=f"only train these students (comma-separated: {','.join(STUDENTS)}), e.g. to "
                    "train several in parallel processes before one run that evaluates everything")
     args = p.parse_args()
@@ -135,7 +137,7 @@ def main() -> None:
         print(f"{row.name:<45} FID {r['toy_fid']:6.2f}  acc {r['accuracy']:.3f}  div {r['diversity']:.3f}  {seconds * 1000:6.1f} ms/img", flush=True)
         return r
 
-    sweep = [score(Row(f"teacher 50 steps, CFG {w:g}", 50, w), teacher) for w in CFG_SWEEP]
+    sweep = [score(Row(f"teacher 50 steps, CFG {w:g}", 50, w), teacher) for w in args.cfg_sweep]
     best = min(sweep, key=lambda r: r["toy_fid"])
     w = best["cfg"]
     rows = [dict(best, name=f"teacher 50 steps (best CFG {w:g})")]
@@ -162,6 +164,16 @@ def main() -> None:
     print(f"wrote {args.out / 'RESULTS.md'}")
 
 
+def _cfg_list(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1,1.5,2") from None
+    if not scales or min(scales) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: guidance scales start at 1 (no guidance), e.g. 1,1.5,2")
+    return scales
+
+
 def _shown(path: Path) -> str:
     """``path`` relative to the repository when it is inside it (what a reader would type), else as given."""
     try:
@@ -170,12 +182,20 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _non_default_flags(results: dict) -> str:
+    """The command-line flags that made this table and differ from the defaults (the bundled teacher, seed 0, ...)."""
+    flags = f" --teacher {results['teacher']}" if results.get("teacher") else ""
+    flags += f" --seed {results['seed']}" if results["seed"] != 0 else ""
+    sweep = tuple(r["cfg"] for r in results["teacher_cfg_sweep"])
+    return flags + (f" --cfg-sweep {','.join(f'{w:g}' for w in sweep)}" if sweep != CFG_SWEEP else "")
+
+
 def table_markdown(results: dict) -> str:
     rows, teacher50 = results["rows"], results["rows"][0]
     lines = ["# Toy quality table: the digits teacher and its DMD2 students", "",
              (f"Teacher `{results['teacher']}`; " if results.get("teacher") else "The bundled digits teacher; ") + f"{results['n']} images per row (digits 0-9 cycled, prompt \"a handwritten digit <word>\"), seed {results['seed']}, "
              f"the same noise for image i in every row; CPU, {results['threads']} thread(s), torch {results['torch']}. "
-             "Regenerate: `python benchmarks/toy/make_table.py" + (f" --teacher {results['teacher']}" if results.get("teacher") else "") + "`.", "",
+             "Regenerate: `python benchmarks/toy/make_table.py" + _non_default_flags(results) + "`.", "",
              "| row | steps | toy FID | FID / teacher-50 | accuracy | diversity | ms / image |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['steps']} | {r['toy_fid']:.2f} | {r['toy_fid'] / teacher50['toy_fid']:.2f} | {r['accuracy']:.3f} | "
