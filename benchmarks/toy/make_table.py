@@ -155,7 +155,7 @@ def main() -> None:
         if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
             r["train_minutes"] = round(train_minutes, 1)
         rows.append(r)
-    results = {"n": args.n, "seed": args.seed, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
+    results = {"n": args.n, "seed": args.seed, "steps": args.steps, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -183,8 +183,10 @@ def _shown(path: Path) -> str:
 
 
 def _non_default_flags(results: dict) -> str:
-    """The command-line flags that made this table and differ from the defaults (the bundled teacher, seed 0, ...)."""
+    """The flags that made this table's rows and differ from the defaults (where it wrote them aside)."""
     flags = f" --teacher {results['teacher']}" if results.get("teacher") else ""
+    flags += f" --n {results['n']}" if results["n"] != 1000 else ""
+    flags += f" --steps {results['steps']}" if results.get("steps") else ""
     flags += f" --seed {results['seed']}" if results["seed"] != 0 else ""
     sweep = tuple(r["cfg"] for r in results["teacher_cfg_sweep"])
     return flags + (f" --cfg-sweep {','.join(f'{w:g}' for w in sweep)}" if sweep != CFG_SWEEP else "")
