@@ -74,6 +74,19 @@ def _assert_materialised(model: torch.nn.Module, what: str, where: str) -> None:
             raise ModelLoadError(f"{where}: {what} weight {name} was not loaded (still on the meta device); the file is incomplete")
 
 
+def _finish(model: torch.nn.Module, what: str, where: str) -> None:
+    """Eval mode, frozen, every weight loaded, and every weight in memory of its own."""
+    model.eval().requires_grad_(False)
+    _assert_materialised(model, what, where)
+    # safetensors >= 0.8 hands out tensors that live in the file's memory map, at the file's byte offsets. CPU kernels
+    # take other code paths for unaligned memory, so the same weights loaded from a single file and from a folder gave
+    # outputs that differed in the last bits. A copy gives such a weight its own (64-byte aligned) memory.
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if t.data_ptr() % 64:
+                t.data = t.data.clone()
+
+
 def _empty(build):
     """Build a module without allocating or initialising parameters (they are assigned from the file next)."""
     from accelerate import init_empty_weights
@@ -89,8 +102,7 @@ def _fill(model: torch.nn.Module, state: dict, dtype: torch.dtype, what: str, wh
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise ModelLoadError(f"{where}: the {what} weights do not fit the inferred architecture ({' '.join(first[:2])[:300]}); the checkpoint is not a standard SDXL-family file") from None
-    model.eval().requires_grad_(False)
-    _assert_materialised(model, what, where)
+    _finish(model, what, where)
 
 
 # ------------------------------------------------------------------------------------------------ single files
@@ -224,8 +236,7 @@ def _load_folder(folder: Path, *, prediction_type, zero_terminal_snr, allow_pick
             model = cls.from_pretrained(folder / component, local_files_only=True, **kw)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{where}/{component} could not be loaded ({str(exc).splitlines()[0][:200]}); the folder is incomplete or corrupt") from None
-        model.eval().requires_grad_(False)
-        _assert_materialised(model, component, where)
+        _finish(model, component, where)
         return model
 
     unet = load("unet", UNet2DConditionModel)
