@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -56,31 +57,36 @@ def test_inference_tiny(tmp_path):
     assert record["channels_last"]["student_s"] > 0 and record["channels_last"]["student_gain"] > 0
 
 
-def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_file):
-    """The table command on a teacher other than the bundled one (as a reviewer's second teacher would be): every
-    student is trained from it, the table names it, and its students are never reused for another teacher."""
+def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
+    """The table command on a teacher other than the bundled one (as a reviewer's second teacher would be; here a
+    diffusers folder at its own 64x64 resolution): every student is trained from it, the table names it, and its
+    students are never reused for another teacher."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--n", "20", "--steps", "2", "--work", str(tmp_path / "work")]
-    out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_file), "--cfg-sweep", "1,2"], capture_output=True, text=True, timeout=900,
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--n", "20", "--steps", "2", "--resolution", "64",
+           "--work", str(tmp_path / "work")]
+    out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_folder), "--cfg-sweep", "1,2"], capture_output=True, text=True, timeout=900,
                          env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "work" / "results.json").read_text())
     full = json.loads((tmp_path / "work" / "results_full.json").read_text())
     assert [r["cfg"] for r in full["teacher_cfg_sweep"]] == [1.0, 2.0] and rows[0]["cfg"] in (1.0, 2.0)
     assert len(rows) == 9 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
-    assert f"--teacher {tiny_sdxl_file} --n 20 --steps 2 --cfg-sweep 1,2`" in (tmp_path / "work" / "RESULTS.md").read_text()
+    assert f"--teacher {tiny_sdxl_folder} --n 20 --steps 2 --resolution 64 --cfg-sweep 1,2`" in (tmp_path / "work" / "RESULTS.md").read_text()
     from safetensors import safe_open
 
     from trainer.models.hashing import content_hash
     loras = sorted((tmp_path / "work").glob("*/dmd2_*_lora.safetensors"))
     assert len(loras) == 6
+    assert all(yaml.safe_load((lora.parent / "config.yaml").read_text())["resolution"] == 64 for lora in loras)
     for lora in loras:
         with safe_open(lora, "pt") as f:
-            assert f.metadata()["dmd2.teacher_hash"] == content_hash(tiny_sdxl_file)
+            assert f.metadata()["dmd2.teacher_hash"] == content_hash(tiny_sdxl_folder)
     refused = subprocess.run([*cmd, "--train-only", "student-4"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert refused.returncode != 0 and "distilled from another teacher" in refused.stderr.strip().splitlines()[-1]
     # nor for another config (here more iterations): a stale student would silently fill the new table's row
     cmd[cmd.index("--steps") + 1] = "3"
-    refused = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_file), "--train-only", "student-2"], capture_output=True, text=True,
+    refused = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_folder), "--train-only", "student-2"], capture_output=True, text=True,
                              timeout=300, env=env, cwd=REPO)
     assert refused.returncode != 0 and "trained with another config (steps)" in refused.stderr.strip().splitlines()[-1]
+    bad = subprocess.run([*cmd[:cmd.index("--resolution") + 1], "30"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode != 0 and "--resolution 30 is not a positive multiple of 8" in bad.stderr.strip().splitlines()[-1]

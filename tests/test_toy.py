@@ -115,3 +115,43 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "| teacher, 50 steps |" in report and "| student, 4 steps |" in report and "grid.png" in report
     assert "dmd2" in result.stderr  # the progress bar
+
+
+
+def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_folder):
+    """`dmd2 demo --set model=... --set resolution=64`: the comparison is sampled at the resolution it trained at (the
+    grid's cells are 64 pixels), not at the bundled teacher's 32."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "trainer", "demo", "--out", str(out), "--set", f"model={tiny_sdxl_folder}",
+                             "--set", "resolution=64", "--set", "steps=2", "--set", "checkpoint_every=2", "--set", "validate_every=2",
+                             "--eval-images", "20"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grid = Image.open(out / "grid.png")
+    # 4 columns of 64-pixel cells with 2-pixel padding (32-pixel samples would be enlarged to 96-pixel cells)
+    assert grid.width == 4 * (64 + 2) + 2
+    assert [r["steps"] for r in json.loads((out / "results.json").read_text())] == [50, 4, 4, 1]
+
+@pytest.mark.slow
+def test_train_teacher_writes_a_v_prediction_teacher_the_loader_detects(tmp_path):
+    """`train_teacher.py --prediction-type v_prediction` (a few steps): the file carries ComfyUI's v_pred marker, so
+    the normal loader reads it as v-prediction, and it samples through the v-prediction path."""
+    import subprocess
+    import sys
+
+    from trainer.models.loading import load_sdxl
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy" / "train_teacher.py"
+    result = subprocess.run([sys.executable, str(script), "--prediction-type", "v_prediction", "--vae-steps", "2", "--steps", "3",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads((tmp_path / "teacher.json").read_text())
+    assert info["prediction_type"] == "v_prediction" and "--prediction-type v_prediction" in info["regenerate"]
+    model = load_sdxl(tmp_path / info["file"])
+    assert model.prediction_type == "v_prediction" and model.info["prediction_type_origin"] == "'v_pred' key in the file"
+    images = sample_teacher(model, torch.tensor([1, 4]), steps=2, cfg_scale=1.5, seed=0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

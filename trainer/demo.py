@@ -80,7 +80,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), ev
     evaluator = ToyEvaluator.load()
     results, columns = [], []
     for row, model in rows:
-        images, seconds = sample_row(model, row, digits, seed=cfg.seed)
+        images, seconds = sample_row(model, row, digits, seed=cfg.seed, resolution=cfg.resolution)
         scores = evaluator.score(images, digits)
         results.append({"name": row.name, "steps": row.steps, "cfg": row.cfg, **scores, "seconds_per_image": seconds})
         columns.append((row.name, images[:10]))

@@ -5,6 +5,7 @@ ablations, same prompts and seeds in every row, scored by the toy evaluator.
     python benchmarks/toy/make_table.py --n 200 --steps 50 --work /tmp/t --out /tmp/t  # a quick smoke run
     python benchmarks/toy/make_table.py --teacher outputs/teacher2/digits_teacher.safetensors  # another teacher
         # (from `train_teacher.py --out outputs/teacher2`); students and table go to outputs/toy_table-<hash>/
+    python benchmarks/toy/make_table.py --teacher my_teacher/ --resolution 64  # a diffusers folder trained at 64x64
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
 CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`: the 4-step student is trained
@@ -53,10 +54,11 @@ STUDENTS = {
 }
 
 
-def student_config(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None) -> TrainConfig:
-    """demo.yaml + the student's overrides (+ ``--steps``), trained from ``teacher`` into ``work/sid``."""
+def student_config(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None,
+                   resolution: int | None = None) -> TrainConfig:
+    """demo.yaml + the student's overrides (+ ``--steps``, ``--resolution``), trained from ``teacher`` into ``work/sid``."""
     prompts, images = data
-    extra = [f"steps={steps}"] if steps else []
+    extra = ([f"steps={steps}"] if steps else []) + ([f"resolution={resolution}"] if resolution else [])
     return load_config(demo_config_path(), STUDENTS[sid][2] + extra,
                        base={"model": str(teacher or teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(work / sid)})
 
@@ -86,11 +88,12 @@ def trained_lora(work: Path, sid: str, teacher: Path | None, cfg: TrainConfig) -
     return done[-1]
 
 
-def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None) -> tuple[Path, bool]:
+def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None,
+                  resolution: int | None = None) -> tuple[Path, bool]:
     """The student's LoRA, and whether it was trained (or finished) by this call rather than reused."""
     from trainer.train import train
 
-    cfg = student_config(sid, work, data, steps, teacher)
+    cfg = student_config(sid, work, data, steps, teacher, resolution)
     done = trained_lora(work, sid, teacher, cfg)
     if done:
         print(f"{sid}: reusing {done}")
@@ -105,8 +108,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="training iterations per student (default: demo.yaml's, as "
                    "`dmd2 demo` trains)")
-    p.add_argument("--teacher", type=Path, default=None, help="another digits teacher (a single-file SDXL checkpoint, e.g. "
-                   "from `train_teacher.py --out`); default: the bundled one")
+    p.add_argument("--teacher", type=Path, default=None, help="another digits teacher: a single-file SDXL checkpoint (e.g. "
+                   "from `train_teacher.py --out`) or a diffusers folder; default: the bundled one")
+    p.add_argument("--resolution", type=int, default=None, help="the teacher's image size, for sampling and for training the "
+                   "students (default: demo.yaml's, 32); images are scored at 32x32")
     p.add_argument("--work", type=Path, default=None, help="where students are trained (default: outputs/toy_table, "
                    "or outputs/toy_table-<hash> for --teacher)")
     p.add_argument("--out", type=Path, default=None, help="where the table goes (default: benchmarks/toy, or --work for "
@@ -116,23 +121,26 @@ def main() -> None:
     p.add_argument("--train-only", metavar="IDS", help=f"only train these students (comma-separated: {','.join(STUDENTS)}), e.g. to "
                    "train several in parallel processes before one run that evaluates everything")
     args = p.parse_args()
-    if args.teacher is not None and not args.teacher.is_file():
-        raise SystemExit(f"error: teacher {args.teacher} does not exist: pass a single-file checkpoint")
+    if args.teacher is not None and not args.teacher.exists():
+        raise SystemExit(f"error: teacher {args.teacher} does not exist: pass a single-file checkpoint or a diffusers folder")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise SystemExit(f"error: --resolution {args.resolution} is not a positive multiple of 8: pass the size the teacher was trained at, e.g. 32")
     args.work = args.work or ROOT / "outputs" / ("toy_table" + (f"-{content_hash(args.teacher)[:8]}" if args.teacher else ""))
     args.out = args.out or (args.work if args.teacher else ROOT / "benchmarks" / "toy")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.train_only:
         data = write_demo_data(args.work / "data")
         for sid in args.train_only.split(","):
-            train_student(sid, args.work, data, args.steps, args.teacher)
+            train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         return
     digits = [i % 10 for i in range(args.n)]
     evaluator = ToyEvaluator.load()
     teacher_file = args.teacher or teacher_path()
     teacher = load_sdxl(teacher_file)
+    resolution = args.resolution or load_config(demo_config_path()).resolution
 
     def score(row: Row, model) -> dict:
-        images, seconds = sample_row(model, row, digits, seed=args.seed)
+        images, seconds = sample_row(model, row, digits, seed=args.seed, resolution=resolution)
         r = {"name": row.name, "steps": row.steps, "cfg": row.cfg, **evaluator.score(images, digits), "seconds_per_image": seconds}
         print(f"{row.name:<45} FID {r['toy_fid']:6.2f}  acc {r['accuracy']:.3f}  div {r['diversity']:.3f}  {seconds * 1000:6.1f} ms/img", flush=True)
         return r
@@ -145,7 +153,7 @@ def main() -> None:
     data = write_demo_data(args.work / "data")
     for sid, (name, k, _) in STUDENTS.items():
         t0 = time.perf_counter()
-        lora, trained_here = train_student(sid, args.work, data, args.steps, args.teacher)
+        lora, trained_here = train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         train_minutes = (time.perf_counter() - t0) / 60
         student = load_sdxl(teacher_file)
         tensors, meta = read_lora(lora)
@@ -155,7 +163,7 @@ def main() -> None:
         if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
             r["train_minutes"] = round(train_minutes, 1)
         rows.append(r)
-    results = {"n": args.n, "seed": args.seed, "steps": args.steps, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
+    results = {"n": args.n, "seed": args.seed, "steps": args.steps, "resolution": args.resolution, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -188,6 +196,7 @@ def _non_default_flags(results: dict) -> str:
     flags += f" --n {results['n']}" if results["n"] != 1000 else ""
     flags += f" --steps {results['steps']}" if results.get("steps") else ""
     flags += f" --seed {results['seed']}" if results["seed"] != 0 else ""
+    flags += f" --resolution {results['resolution']}" if results.get("resolution") else ""
     sweep = tuple(r["cfg"] for r in results["teacher_cfg_sweep"])
     return flags + (f" --cfg-sweep {','.join(f'{w:g}' for w in sweep)}" if sweep != CFG_SWEEP else "")
 

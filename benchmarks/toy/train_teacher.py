@@ -5,6 +5,8 @@ single-file SDXL checkpoint: trainer/assets/toy_teacher/digits_teacher.safetenso
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --stage unet  # reuse outputs/toy_teacher/vae
     # a second, different teacher (its own folder; work files in <out>/work), e.g. for make_table.py --teacher:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --seed 1 --channels 32 64 --out outputs/teacher2
+    # a v-prediction teacher (the file carries ComfyUI's v_pred marker, so the loader detects it):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --prediction-type v_prediction --out outputs/teacher_v
 
 What it builds (every config goes through ``trainer.models.architecture``, the functions the loader uses, so the
 exported file reloads through ``load_sdxl`` into exactly these models):
@@ -16,9 +18,9 @@ exported file reloads through ``load_sdxl`` into exactly these models):
   grey replicated), then re-parametrised (quant_conv / post_quant_conv, exactly) so that ``latent * 0.13025`` -
   SDXL's scaling factor, which the loader assumes - is zero-mean, unit-variance per channel;
 * an SDXL-layout UNet2DConditionModel (DownBlock2D + CrossAttnDownBlock2D, linear projections, text_time addition
-  embedding with 8-d time-id features: adm_in = 64 + 6 * 8 = 112), epsilon prediction on SDXL's scaled-linear
-  schedule, 10% prompt dropout to all-zero prompt and pooled embeddings (for classifier-free guidance), min-SNR-5
-  loss weighting, EMA weights exported.
+  embedding with 8-d time-id features: adm_in = 64 + 6 * 8 = 112), epsilon (or v) prediction on SDXL's
+  scaled-linear schedule, 10% prompt dropout to all-zero prompt and pooled embeddings (for classifier-free guidance),
+  min-SNR-5 loss weighting, EMA weights exported.
 
 Deterministic on one CPU thread for a given torch build.
 """
@@ -44,7 +46,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from trainer.models.architecture import CLIPArch, UNetArch, VAEArch, clip_config, unet_config, vae_config  # noqa: E402
 from trainer.models.hashing import file_sha256  # noqa: E402
 from trainer.models.tokenizers import sdxl_tokenizers  # noqa: E402
-from trainer.schedule import NoiseSchedule, add_noise  # noqa: E402
+from trainer.schedule import PREDICTION_TYPES, NoiseSchedule, add_noise, training_target  # noqa: E402
 from trainer.toy.digits import IMAGE_SIZE, NUM_DIGITS, PROMPT_TEMPLATES, load_digits_32, prompt_for  # noqa: E402
 
 SDXL_SCALING_FACTOR = 0.13025
@@ -167,12 +169,14 @@ def train_unet(args, latents_mean, latents_std, labels, emb_table, pooled_table)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"unet: {n_params / 1e6:.2f}M parameters, channels {args.channels}, layers/block {args.layers}", flush=True)
-    schedule = NoiseSchedule.sdxl()
+    schedule = NoiseSchedule.sdxl(args.prediction_type)
     ac = schedule.alphas_cumprod
     snr = (ac / (1 - ac)).float()
+    # min-SNR-gamma as a weight on the output's MSE: min(snr, gamma) / snr for eps, / (snr + 1) for v (Hang et al.)
+    snr_weight = snr.clamp(max=args.min_snr) / (snr if args.prediction_type == "epsilon" else snr + 1)
     g = torch.Generator().manual_seed(args.seed + 21)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warm = min(200, args.steps // 10)
+    warm = max(1, min(200, args.steps // 10))
     lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))) * 0.95 + 0.05)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     time_ids = torch.tensor([IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE], dtype=torch.float32)
@@ -192,8 +196,7 @@ def train_unet(args, latents_mean, latents_std, labels, emb_table, pooled_table)
         eps = torch.randn(x0.shape, generator=g)
         xt = add_noise(schedule, x0, eps, t)
         pred = unet(xt, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(b, 6)}).sample
-        weight = (snr[t].clamp(max=args.min_snr) / snr[t]).view(-1, 1, 1, 1)
-        loss = (weight * (pred - eps) ** 2).mean()
+        loss = (snr_weight[t].view(-1, 1, 1, 1) * (pred - training_target(schedule, x0, eps, t)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,7 +223,8 @@ def export(args, unet, te1, te2, vae, extra: dict) -> None:
     out = args.out / "digits_teacher.safetensors"
     half = lambda m: copy.deepcopy(m).to(torch.float16)  # noqa: E731
     meta = {"dmd2.toy_teacher": "handwritten digits (scikit-learn load_digits), see teacher.json"}
-    save_sdxl_single_file(out, half(unet), half(te1), half(te2), half(vae), metadata=meta)
+    save_sdxl_single_file(out, half(unet), half(te1), half(te2), half(vae), v_pred=args.prediction_type == "v_prediction",
+                          metadata=meta)
     info = {
         "file": out.name,
         "sha256": file_sha256(out),
@@ -235,7 +239,7 @@ def export(args, unet, te1, te2, vae, extra: dict) -> None:
         "unconditional": "all-zero prompt embeddings and pooled embeddings (prompt dropout during training)",
         "resolution": IMAGE_SIZE,
         "time_ids": [IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE],
-        "prediction_type": "epsilon",
+        "prediction_type": args.prediction_type,
         "schedule": "SDXL scaled_linear 0.00085..0.012, 1000 steps",
         "vae_scaling_factor": SDXL_SCALING_FACTOR,
         "architecture": {
@@ -271,6 +275,8 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--min-snr", type=float, default=5.0)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon", help="what the UNet predicts; "
+                   "v_prediction also writes the v_pred marker key into the checkpoint")
     p.add_argument("--channels", type=int, nargs="+", default=[64, 64])
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--out", type=Path, default=ASSET_DIR, help="where the checkpoint and teacher.json go (default: the "
