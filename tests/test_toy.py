@@ -117,7 +117,6 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
     assert "dmd2" in result.stderr  # the progress bar
 
 
-
 def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_folder):
     """`dmd2 demo --set model=... --set resolution=64`: the comparison is sampled at the resolution it trained at (the
     grid's cells are 64 pixels), not at the bundled teacher's 32."""
@@ -135,6 +134,7 @@ def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_f
     # 4 columns of 64-pixel cells with 2-pixel padding (32-pixel samples would be enlarged to 96-pixel cells)
     assert grid.width == 4 * (64 + 2) + 2
     assert [r["steps"] for r in json.loads((out / "results.json").read_text())] == [50, 4, 4, 1]
+
 
 @pytest.mark.slow
 def test_train_teacher_writes_a_v_prediction_teacher_the_loader_detects(tmp_path):

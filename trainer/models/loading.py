@@ -75,12 +75,12 @@ def _assert_materialised(model: torch.nn.Module, what: str, where: str) -> None:
 
 
 def _finish(model: torch.nn.Module, what: str, where: str) -> None:
-    """Eval mode, frozen, every weight loaded, and every weight in memory of its own."""
+    """Eval mode, frozen, every weight loaded, and none at an unaligned address."""
     model.eval().requires_grad_(False)
     _assert_materialised(model, what, where)
-    # safetensors >= 0.8 hands out tensors that live in the file's memory map, at the file's byte offsets. CPU kernels
-    # take other code paths for unaligned memory, so the same weights loaded from a single file and from a folder gave
-    # outputs that differed in the last bits. A copy gives such a weight its own (64-byte aligned) memory.
+    # safetensors (0.8.0 here) hands out tensors that live in the file's memory map, at the file's byte offsets. CPU
+    # kernels take other code paths for unaligned memory, so the same weights loaded from a single file and from a
+    # folder gave outputs that differed in the last bits. A copy gives such a weight its own (64-byte aligned) memory.
     with torch.no_grad():
         for t in itertools.chain(model.parameters(), model.buffers()):
             if t.data_ptr() % 64:
