@@ -137,9 +137,10 @@ def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_f
 
 
 @pytest.mark.slow
-def test_train_teacher_writes_a_v_prediction_teacher_the_loader_detects(tmp_path):
-    """`train_teacher.py --prediction-type v_prediction` (a few steps): the file carries ComfyUI's v_pred marker, so
-    the normal loader reads it as v-prediction, and it samples through the v-prediction path."""
+@pytest.mark.parametrize("ztsnr", [False, True], ids=["v", "v-ztsnr"])
+def test_train_teacher_writes_a_v_prediction_teacher_the_loader_detects(tmp_path, ztsnr):
+    """`train_teacher.py --prediction-type v_prediction [--zero-terminal-snr]` (a few steps): the file carries
+    ComfyUI's v_pred (and ztsnr) marker, so the normal loader reads it as such, and it samples through that path."""
     import subprocess
     import sys
 
@@ -147,11 +148,17 @@ def test_train_teacher_writes_a_v_prediction_teacher_the_loader_detects(tmp_path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy" / "train_teacher.py"
     result = subprocess.run([sys.executable, str(script), "--prediction-type", "v_prediction", "--vae-steps", "2", "--steps", "3",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                             "--out", str(tmp_path)] + (["--zero-terminal-snr"] if ztsnr else []), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads((tmp_path / "teacher.json").read_text())
     assert info["prediction_type"] == "v_prediction" and "--prediction-type v_prediction" in info["regenerate"]
+    assert info["zero_terminal_snr"] is ztsnr and ("--zero-terminal-snr" in info["regenerate"]) is ztsnr
     model = load_sdxl(tmp_path / info["file"])
     assert model.prediction_type == "v_prediction" and model.info["prediction_type_origin"] == "'v_pred' key in the file"
+    assert model.schedule.zero_terminal_snr is ztsnr
     images = sample_teacher(model, torch.tensor([1, 4]), steps=2, cfg_scale=1.5, seed=0)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    if ztsnr:  # zero terminal SNR with an eps teacher is refused in one line
+        refused = subprocess.run([sys.executable, str(script), "--zero-terminal-snr", "--out", str(tmp_path / "eps")], capture_output=True,
+                                 text=True, timeout=300)
+        assert refused.returncode != 0 and "needs --prediction-type v_prediction" in refused.stderr.strip().splitlines()[-1]

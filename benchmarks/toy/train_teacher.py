@@ -5,8 +5,10 @@ single-file SDXL checkpoint: trainer/assets/toy_teacher/digits_teacher.safetenso
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --stage unet  # reuse outputs/toy_teacher/vae
     # a second, different teacher (its own folder; work files in <out>/work), e.g. for make_table.py --teacher:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --seed 1 --channels 32 64 --out outputs/teacher2
-    # a v-prediction teacher (the file carries ComfyUI's v_pred marker, so the loader detects it):
+    # a v-prediction teacher (the file carries ComfyUI's v_pred marker, so the loader detects it), and one with
+    # zero terminal SNR as well (and the ztsnr marker):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --prediction-type v_prediction --out outputs/teacher_v
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py --prediction-type v_prediction --zero-terminal-snr --out outputs/teacher_vz
 
 What it builds (every config goes through ``trainer.models.architecture``, the functions the loader uses, so the
 exported file reloads through ``load_sdxl`` into exactly these models):
@@ -169,7 +171,7 @@ def train_unet(args, latents_mean, latents_std, labels, emb_table, pooled_table)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"unet: {n_params / 1e6:.2f}M parameters, channels {args.channels}, layers/block {args.layers}", flush=True)
-    schedule = NoiseSchedule.sdxl(args.prediction_type)
+    schedule = NoiseSchedule.sdxl(args.prediction_type, args.zero_terminal_snr)
     ac = schedule.alphas_cumprod
     snr = (ac / (1 - ac)).float()
     # min-SNR-gamma as a weight on the output's MSE: min(snr, gamma) / snr for eps, / (snr + 1) for v (Hang et al.)
@@ -224,14 +226,15 @@ def export(args, unet, te1, te2, vae, extra: dict) -> None:
     half = lambda m: copy.deepcopy(m).to(torch.float16)  # noqa: E731
     meta = {"dmd2.toy_teacher": "handwritten digits (scikit-learn load_digits), see teacher.json"}
     save_sdxl_single_file(out, half(unet), half(te1), half(te2), half(vae), v_pred=args.prediction_type == "v_prediction",
-                          metadata=meta)
+                          ztsnr=args.zero_terminal_snr, metadata=meta)
     info = {
         "file": out.name,
         "sha256": file_sha256(out),
         "bytes": out.stat().st_size,
         "dtype": "float16",
-        "regenerate": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py"
-        + "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in sorted(vars(args).items()) if k not in ("stage",)),
+        "regenerate": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/toy/train_teacher.py" + "".join(
+            f" --{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
+            for k, v in sorted(vars(args).items()) if k != "stage" and v is not False),
         "seed": args.seed,
         "data": "sklearn.datasets.load_digits: 1,797 8x8 digits, bilinear-upsampled to 32x32, [-1, 1], grey as RGB",
         "prompts": list(PROMPT_TEMPLATES),
@@ -240,7 +243,8 @@ def export(args, unet, te1, te2, vae, extra: dict) -> None:
         "resolution": IMAGE_SIZE,
         "time_ids": [IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE],
         "prediction_type": args.prediction_type,
-        "schedule": "SDXL scaled_linear 0.00085..0.012, 1000 steps",
+        "zero_terminal_snr": args.zero_terminal_snr,
+        "schedule": "SDXL scaled_linear 0.00085..0.012, 1000 steps" + (", rescaled to zero terminal SNR" if args.zero_terminal_snr else ""),
         "vae_scaling_factor": SDXL_SCALING_FACTOR,
         "architecture": {
             "unet": {"block_out_channels": list(args.channels), "layers_per_block": args.layers, "transformer_depth": 1,
@@ -277,11 +281,15 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon", help="what the UNet predicts; "
                    "v_prediction also writes the v_pred marker key into the checkpoint")
+    p.add_argument("--zero-terminal-snr", action="store_true", help="rescale the schedule to zero terminal SNR (needs "
+                   "--prediction-type v_prediction); also writes the ztsnr marker key")
     p.add_argument("--channels", type=int, nargs="+", default=[64, 64])
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--out", type=Path, default=ASSET_DIR, help="where the checkpoint and teacher.json go (default: the "
                    "bundled teacher's folder); another folder makes a second teacher, e.g. for make_table.py --teacher")
     args = p.parse_args()
+    if args.zero_terminal_snr and args.prediction_type != "v_prediction":
+        p.error("--zero-terminal-snr needs --prediction-type v_prediction: at zero SNR an eps prediction says nothing about the image")
     torch.set_num_threads(1)
     bundled = args.out.resolve() == ASSET_DIR.resolve()  # also when --out names the bundled folder by a relative path
     work = WORK_DIR if bundled else args.out / "work"  # a second teacher never reuses the bundled one's VAE
