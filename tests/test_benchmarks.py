@@ -71,6 +71,7 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     full = json.loads((tmp_path / "work" / "results_full.json").read_text())
     assert [r["cfg"] for r in full["teacher_cfg_sweep"]] == [1.0, 2.0] and rows[0]["cfg"] in (1.0, 2.0)
     assert len(rows) == 9 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert all(r["image_size"] == 64 for r in rows + full["teacher_cfg_sweep"])  # sampled at --resolution, not at 32
     assert f"--teacher {tiny_sdxl_folder} --n 20 --steps 2 --resolution 64 --cfg-sweep 1,2`" in (tmp_path / "work" / "RESULTS.md").read_text()
     from safetensors import safe_open
 

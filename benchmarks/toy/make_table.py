@@ -13,7 +13,7 @@ exactly as `dmd2 demo` trains its LoRA, the 1-step student gets 3x its iteration
 4-step student: without the GAN loss, without backward simulation, and a full critic instead of the LoRA critic.
 Students are trained with the real trainer into `--work`; a student whose LoRA exists is not trained again
 (`--train-only` trains some in a parallel process first), and one trained with another config or teacher is
-refused. Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image) and
+refused. Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image, image_size) and
 `RESULTS.md` into `--out`.
 """
 from __future__ import annotations
@@ -141,7 +141,8 @@ def main() -> None:
 
     def score(row: Row, model) -> dict:
         images, seconds = sample_row(model, row, digits, seed=args.seed, resolution=resolution)
-        r = {"name": row.name, "steps": row.steps, "cfg": row.cfg, **evaluator.score(images, digits), "seconds_per_image": seconds}
+        r = {"name": row.name, "steps": row.steps, "cfg": row.cfg, **evaluator.score(images, digits), "seconds_per_image": seconds,
+             "image_size": images.shape[-1]}  # what was sampled (the evaluator rescales to 32x32)
         print(f"{row.name:<45} FID {r['toy_fid']:6.2f}  acc {r['accuracy']:.3f}  div {r['diversity']:.3f}  {seconds * 1000:6.1f} ms/img", flush=True)
         return r
 
