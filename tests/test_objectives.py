@@ -26,6 +26,19 @@ def test_dmd_loss_value_and_gradient():
     torch.testing.assert_close(x.grad, grad / x.numel())
 
 
+def test_dmd_loss_averages_the_gradients_of_several_draws():
+    x = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]], requires_grad=True)
+    # two re-noisings of each sample, stacked draw by draw: rows 0-1 are draw 1, rows 2-3 draw 2
+    p_real = torch.tensor([[[[0.0, 1.0]]], [[[2.0, -2.0]]], [[[1.0, 2.0]]], [[[1.0, 1.0]]]])
+    p_fake = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]], [[[3.0, 3.0]]], [[[0.0, 2.0]]]])
+    first = obj.dmd_gradient(x.detach(), p_real[:2], p_fake[:2])
+    second = obj.dmd_gradient(x.detach(), p_real[2:], p_fake[2:])
+    # draw 2 by hand: sample 0 weight (0 + 1) / 2 = 0.5, sample 1 weight (1 + 1) / 2 = 1
+    torch.testing.assert_close(second, torch.tensor([[[[4.0, 2.0]]], [[[-1.0, 1.0]]]]))
+    obj.dmd_loss(x, p_real, p_fake).backward()
+    torch.testing.assert_close(x.grad, (first + second) / 2 / x.numel())
+
+
 def test_dmd_gradient_zero_weight_is_finite():
     x = torch.zeros(1, 1, 2, 2)
     g = obj.dmd_gradient(x, x.clone(), torch.ones_like(x))

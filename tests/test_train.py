@@ -142,6 +142,26 @@ def test_gan_timesteps_stay_in_the_configured_window(tmp_path, data_dir, tiny_sd
     assert (int(t.max()) > 500) == (max_t == 1.0)
 
 
+def test_dmd_noise_draws_renoise_each_sample_that_often(tmp_path, data_dir, tiny_sdxl_file, monkeypatch):
+    """With dmd.noise_draws = 3 the teacher (guided: conditional and unconditional halves) and the critic see three
+    re-noisings of each student sample in one pass, at timesteps drawn independently; 0 draws are refused."""
+    from trainer.errors import ConfigError
+    from trainer.models.roles import DMD2Roles
+
+    calls: dict[str, list[torch.Tensor]] = {"teacher": [], "critic": []}
+    for role in calls:
+        def spy(self, x, t, cond, _real=getattr(DMD2Roles, role), _role=role):
+            calls[_role].append(t.detach().cpu())
+            return _real(self, x, t, cond)
+        monkeypatch.setattr(DMD2Roles, role, spy)
+    train(load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "run", **{"dmd.noise_draws": 3})))
+    assert [len(t) for t in calls["teacher"]] == [2 * 3 * 2] * 3  # 3 student updates, batch 2, CFG doubles the rows
+    dmd_critic = [t for t in calls["critic"] if len(t) == 2 * 3]  # the DMD passes; its own denoising passes see 2 rows
+    assert len(dmd_critic) == 3 and all(len(set(t.tolist())) > 2 for t in dmd_critic)
+    with pytest.raises(ConfigError, match="dmd.noise_draws"):
+        load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", **{"dmd.noise_draws": 0})).validate()
+
+
 def test_lr_schedule_factors():
     from trainer.train import _lr_lambda
 

@@ -40,6 +40,10 @@ class DMDConfig:
     min_t: float = 0.02
     max_t: float = 0.98
     critic_lr: float = 5e-5
+    # (t, noise) re-noisings of each student sample, whose DMD gradients are averaged (DMD2: 1). More steadies the
+    # student's update for the price of teacher and critic passes on student iterations only (no gradients); they run
+    # on noise_draws x the micro-batch at once, so mind the memory on a GPU
+    noise_draws: int = 1
 
 
 @dataclass
@@ -148,6 +152,8 @@ class TrainConfig:
             raise ConfigError(f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size must be a positive number, got {self.micro_batch_size}")
+        if self.dmd.noise_draws < 1:
+            raise ConfigError(f"dmd.noise_draws must be a positive number, got {self.dmd.noise_draws}")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         return self

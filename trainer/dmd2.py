@@ -29,6 +29,7 @@ class DMD2Settings:
     gan_critic_weight: float = 1e-2
     use_gan: bool = True
     gan_t_max: int = 999  # the GAN re-noises real and fake at t ~ U[0, gan_t_max]
+    dmd_noise_draws: int = 1  # (t, noise) re-noisings per student sample whose DMD gradients are averaged
 
 
 @dataclass
@@ -85,18 +86,25 @@ def student_input(roles: DMD2Roles, schedule: NoiseSchedule, cond: Conditioning,
 
 def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedule, x0: Tensor, cond: Conditioning,
                    uncond: Conditioning, settings: DMD2Settings, rng: StepRandomness, losses: Losses) -> Tensor:
-    """DMD loss (+ GAN generator loss) for the student's sample ``x0`` (which carries the student's graph)."""
-    batch = x0.shape[0]
-    t = rng.timesteps(batch, *settings.dmd_t_range, x0.device)
-    x_t = add_noise(schedule, x0.detach(), rng.randn(x0.shape, x0), t)
+    """DMD loss (+ GAN generator loss) for the student's sample ``x0`` (which carries the student's graph).
+
+    With ``dmd_noise_draws`` > 1 each sample is re-noised that many times, all in one no-gradient pass of the teacher
+    and of the critic, and the DMD gradients are averaged: a steadier update without more student samples.
+    """
+    batch, draws = x0.shape[0], settings.dmd_noise_draws
+    x_clean = x0.detach().repeat(draws, *([1] * (x0.ndim - 1)))
+    cond_rows = Conditioning.cat([cond] * draws) if draws > 1 else cond
+    t = rng.timesteps(len(x_clean), *settings.dmd_t_range, x0.device)
+    x_t = add_noise(schedule, x_clean, rng.randn(x_clean.shape, x0), t)
     with torch.no_grad():
         if settings.guidance_scale == 1.0:  # no guidance: the unconditional pass would cancel out
-            out_real = roles.teacher(x_t, t, cond)
+            out_real = roles.teacher(x_t, t, cond_rows)
         else:
-            both = roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
-            out_real = cfg(both[batch:], both[:batch], settings.guidance_scale)
+            rows, uncond_rows = len(x_t), Conditioning.cat([uncond] * draws) if draws > 1 else uncond
+            both = roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond_rows, uncond_rows]))
+            out_real = cfg(both[rows:], both[:rows], settings.guidance_scale)
         p_real = output_to_x0(schedule, out_real, x_t, t).double()
-        p_fake = output_to_x0(schedule, roles.critic(x_t, t, cond), x_t, t).double()
+        p_fake = output_to_x0(schedule, roles.critic(x_t, t, cond_rows), x_t, t).double()
     loss = losses.add("student/dmd", obj.dmd_loss(x0, p_real, p_fake))
     if settings.use_gan and head is not None:
         t_gan = rng.timesteps(batch, 0, settings.gan_t_max, x0.device)

@@ -19,8 +19,14 @@ def dmd_gradient(x: Tensor, p_real: Tensor, p_fake: Tensor) -> Tensor:
 
 
 def dmd_loss(x: Tensor, p_real: Tensor, p_fake: Tensor) -> Tensor:
-    """A surrogate whose gradient w.r.t. ``x`` is ``dmd_gradient / x.numel()``: ``0.5 * mse(x, sg(x - grad))``."""
-    grad = dmd_gradient(x.detach(), p_real.detach(), p_fake.detach())
+    """A surrogate whose gradient w.r.t. ``x`` is ``dmd_gradient / x.numel()``: ``0.5 * mse(x, sg(x - grad))``.
+
+    ``p_real`` / ``p_fake`` may hold several re-noisings of each sample, stacked draw by draw (``draws * batch``
+    rows: all samples at the first draw, then all at the second, ...); the gradient is then their mean.
+    """
+    draws = p_real.shape[0] // x.shape[0]
+    x_rows = x.detach().repeat(draws, *([1] * (x.ndim - 1)))
+    grad = dmd_gradient(x_rows, p_real.detach(), p_fake.detach()).view(draws, *x.shape).mean(0)
     return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
 
 
