@@ -1,7 +1,7 @@
 """The toy quality table in one command: the bundled digits teacher against its DMD2 students and the paper's
 ablations, same prompts and seeds in every row, scored by the toy evaluator.
 
-    OMP_NUM_THREADS=1 python benchmarks/toy/make_table.py              # ~55 min (estimated) on 2 cores; resumable
+    OMP_NUM_THREADS=1 python benchmarks/toy/make_table.py              # resumable; see the README for timings
     python benchmarks/toy/make_table.py --n 200 --steps 50 --work /tmp/t --out /tmp/t  # a quick smoke run
     python benchmarks/toy/make_table.py --teacher outputs/teacher2/digits_teacher.safetensors  # another teacher
         # (from `train_teacher.py --out outputs/teacher2`); students and table go to outputs/toy_table-<hash>/
