@@ -93,15 +93,15 @@ def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedu
     """
     batch, draws = x0.shape[0], settings.dmd_noise_draws
     x_clean = x0.detach().repeat(draws, *([1] * (x0.ndim - 1)))
-    cond_rows = Conditioning.cat([cond] * draws) if draws > 1 else cond
+    cond_rows = Conditioning.cat([cond] * draws)
     t = rng.timesteps(len(x_clean), *settings.dmd_t_range, x0.device)
     x_t = add_noise(schedule, x_clean, rng.randn(x_clean.shape, x0), t)
     with torch.no_grad():
         if settings.guidance_scale == 1.0:  # no guidance: the unconditional pass would cancel out
             out_real = roles.teacher(x_t, t, cond_rows)
         else:
-            rows, uncond_rows = len(x_t), Conditioning.cat([uncond] * draws) if draws > 1 else uncond
-            both = roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond_rows, uncond_rows]))
+            rows = len(x_t)
+            both = roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond_rows] + [uncond] * draws))
             out_real = cfg(both[rows:], both[:rows], settings.guidance_scale)
         p_real = output_to_x0(schedule, out_real, x_t, t).double()
         p_fake = output_to_x0(schedule, roles.critic(x_t, t, cond_rows), x_t, t).double()

@@ -25,8 +25,8 @@ def dmd_loss(x: Tensor, p_real: Tensor, p_fake: Tensor) -> Tensor:
     rows: all samples at the first draw, then all at the second, ...); the gradient is then their mean.
     """
     draws = p_real.shape[0] // x.shape[0]
-    x_rows = x.detach().repeat(draws, *([1] * (x.ndim - 1)))
-    grad = dmd_gradient(x_rows, p_real.detach(), p_fake.detach()).view(draws, *x.shape).mean(0)
+    grads = [dmd_gradient(x.detach(), r, f) for r, f in zip(p_real.detach().chunk(draws), p_fake.detach().chunk(draws))]
+    grad = torch.stack(grads).mean(0)
     return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
 
 
