@@ -71,8 +71,11 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     full = json.loads((tmp_path / "work" / "results_full.json").read_text())
     assert [r["cfg"] for r in full["teacher_cfg_sweep"]] == [1.0, 2.0] and rows[0]["cfg"] in (1.0, 2.0)
     assert len(rows) == 9 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert all(len(r["second_opinion"]) == 2 and all(o["toy_fid"] > 0 for o in r["second_opinion"]) for r in rows)
     assert all(r["image_size"] == 64 for r in rows + full["teacher_cfg_sweep"])  # sampled at --resolution, not at 32
-    assert f"--teacher {tiny_sdxl_folder} --n 20 --steps 2 --resolution 64 --cfg-sweep 1,2`" in (tmp_path / "work" / "RESULTS.md").read_text()
+    table = (tmp_path / "work" / "RESULTS.md").read_text()
+    assert f"--teacher {tiny_sdxl_folder} --n 20 --steps 2 --resolution 64 --cfg-sweep 1,2`" in table
+    assert "| met by the second opinions (seed 1 / 2) |" in table and f"| {rows[0]['second_opinion'][0]['toy_fid']:.2f} (1.00x) / " in table
     from safetensors import safe_open
 
     from trainer.models.hashing import content_hash

@@ -56,6 +56,22 @@ def test_evaluator_on_held_out_real_digits(evaluator):
     assert rgb["toy_fid"] == pytest.approx(s["toy_fid"], abs=1e-6)
 
 
+def test_second_opinion_classifiers_read_digits_and_agree_on_real_ones(evaluator):
+    """make_table's second opinions: the same classifier trained with seeds 1 and 2, loaded from their files. On held-out
+    real digits they agree with the evaluator; a missing file is named with the command that makes it."""
+    images, labels = load_digits_32()
+    _, held = split_indices()
+    base = evaluator.score(images[held], labels[held])
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "toy" / "second_opinion"
+    for seed in (1, 2):
+        other = ToyEvaluator.load(folder / f"digit_classifier_seed{seed}.safetensors")
+        assert other.classifier is not evaluator.classifier
+        s = other.score(images[held], labels[held])
+        assert s["accuracy"] > 0.98 and abs(s["toy_fid"] - base["toy_fid"]) < 0.3 and s["toy_fid"] != base["toy_fid"]
+    with pytest.raises(FileNotFoundError, match="train_classifier.py --out"):
+        ToyEvaluator.load(folder / "missing.safetensors")
+
+
 def test_evaluator_on_noise(evaluator):
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1000, 1, 32, 32, generator=g) * 2 - 1

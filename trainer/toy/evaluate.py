@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,12 +84,17 @@ def _mean_pairwise_distance(feats: Tensor) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-@functools.lru_cache(maxsize=1)
-def _load_classifier() -> DigitClassifier:
+@functools.lru_cache(maxsize=4)
+def _load_classifier(weights: Path | None = None) -> DigitClassifier:
     from safetensors.torch import load
 
     model = DigitClassifier()
-    raw = resources.files("trainer.toy").joinpath(WEIGHTS_FILE).read_bytes()
+    if weights is None:
+        raw = resources.files("trainer.toy").joinpath(WEIGHTS_FILE).read_bytes()
+    elif not weights.is_file():
+        raise FileNotFoundError(f"classifier weights {weights} do not exist: train them with benchmarks/toy/train_classifier.py --out {weights}")
+    else:
+        raw = weights.read_bytes()
     model.load_state_dict(load(raw))
     return model.eval().requires_grad_(False)
 
@@ -106,9 +112,10 @@ class ToyEvaluator:
         )
 
     @classmethod
-    def load(cls) -> "ToyEvaluator":
-        """The evaluator with the committed classifier weights."""
-        return cls(_load_classifier())
+    def load(cls, weights: str | Path | None = None) -> "ToyEvaluator":
+        """The evaluator with the committed classifier weights, or with other weights of the same classifier (a
+        safetensors file from ``train_classifier.py``, e.g. one trained with another seed as a second opinion)."""
+        return cls(_load_classifier(None if weights is None else Path(weights)))
 
     @torch.no_grad()
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
