@@ -40,10 +40,10 @@ from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 
-CFG_SWEEP = (1.25, 1.5, 2.0, 3.0)
+CFG_SWEEP = (1.25, 1.5, 2.0, 3.0)  # the committed teacher evaluation (teacher_results.json) sweeps 1..6
 # The same classifier trained with other seeds (`train_classifier.py --seed 1|2 --out ...`). Every row is also scored
 # with them: a student tuned against one feature extractor can look better to it than to another (NOTES.md point 27).
-SECOND_OPINION = tuple(ROOT / "benchmarks" / "toy" / "second_opinion" / f"digit_classifier_seed{s}.safetensors" for s in (1, 2))  # the committed teacher evaluation (teacher_results.json) sweeps 1..6
+SECOND_OPINION = tuple(ROOT / "benchmarks" / "toy" / "second_opinion" / f"digit_classifier_seed{s}.safetensors" for s in (1, 2))
 # id -> (row name, sampling steps, config overrides on top of demo.yaml)
 STUDENTS = {
     "student-4": ("student 4-step", 4, []),
@@ -228,9 +228,9 @@ def table_markdown(results: dict) -> str:
               "toy FID and accuracy on their features and outputs; neither was used to choose any setting.",
               "", "## Targets (issue 4: the paper's claim in miniature)", "",
               "| target | measured | met | met by the second opinions (seed 1 / 2) |", "|---|---|---|---|"]
-    seconds = [target_checks(rows, lambda r, i=i: r["second_opinion"][i]) for i in range(len(teacher50["second_opinion"]))]
+    by_opinion = [target_checks(rows, lambda r, i=i: r["second_opinion"][i]) for i in range(len(teacher50["second_opinion"]))]
     for n, (what, measured, met) in enumerate(target_checks(rows)):
-        lines.append(f"| {what} | {measured} | {'yes' if met else 'no'} | {' / '.join('yes' if s[n][2] else 'no' for s in seconds)} |")
+        lines.append(f"| {what} | {measured} | {'yes' if met else 'no'} | {' / '.join('yes' if o[n][2] else 'no' for o in by_opinion)} |")
     lines += ["", "Why the misses, and how the demo config was found: `benchmarks/toy/NOTES.md`."]
     return "\n".join(lines) + "\n"
 
