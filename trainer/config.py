@@ -40,9 +40,10 @@ class DMDConfig:
     min_t: float = 0.02
     max_t: float = 0.98
     critic_lr: float = 5e-5
-    # (t, noise) re-noisings of each student sample, whose DMD gradients are averaged (DMD2: 1). More steadies the
-    # student's update for the price of teacher and critic passes on student iterations only (no gradients); they run
-    # on noise_draws x the micro-batch at once, so mind the memory on a GPU
+    # (t, noise) re-noisings of each student sample, whose DMD gradients are averaged (DMD2: 1). More lowers the
+    # variance of the student's update for the price of teacher and critic passes on student iterations only (no
+    # gradients), on noise_draws x the micro-batch at once, so mind the memory on a GPU. On the toy teacher 8 draws
+    # did not improve FID averaged over checkpoints (benchmarks/toy/NOTES.md, point 27)
     noise_draws: int = 1
 
 

@@ -89,7 +89,7 @@ def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedu
     """DMD loss (+ GAN generator loss) for the student's sample ``x0`` (which carries the student's graph).
 
     With ``dmd_noise_draws`` > 1 each sample is re-noised that many times, all in one no-gradient pass of the teacher
-    and of the critic, and the DMD gradients are averaged: a steadier update without more student samples.
+    and of the critic, and the DMD gradients are averaged: a lower-variance update without more student samples.
     """
     batch, draws = x0.shape[0], settings.dmd_noise_draws
     x_clean = x0.detach().repeat(draws, *([1] * (x0.ndim - 1)))
