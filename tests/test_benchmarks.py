@@ -94,3 +94,27 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     assert refused.returncode != 0 and "trained with another config (steps)" in refused.stderr.strip().splitlines()[-1]
     bad = subprocess.run([*cmd[:cmd.index("--resolution") + 1], "30"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode != 0 and "--resolution 30 is not a positive multiple of 8" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_score_checkpoints_trains_and_scores_every_checkpoint_once(tmp_path):
+    """`score_checkpoints.py --train` trains demo.yaml + overrides on the bundled teacher, keeps every checkpoint, and
+    scores each with the three classifiers; a second call scores only what is missing and summarises all of it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "score_checkpoints.py"), str(tmp_path / "run"), "--n", "40"]
+    train = ["--train", "--set", "steps=4", "checkpoint_every=2", "batch_size=2", "micro_batch_size=2"]
+    out = subprocess.run([*cmd, *train], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    scores = tmp_path / "run" / "scores.jsonl"
+    first = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert [(r["step"], r["seed"]) for r in first] == [(2, 0), (4, 0)]
+    assert all(r[c]["toy_fid"] > 0 and 0 <= r[c]["accuracy"] <= 1 for r in first for c in ("committed", "seed1", "seed2"))
+    # the three classifiers are different networks: they never give one image set the same distance
+    assert len({first[0][c]["toy_fid"] for c in ("committed", "seed1", "seed2")}) == 3
+    out = subprocess.run([*cmd, "--min-step", "4", "--seeds", "0,1"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert records[:2] == first and [(r["step"], r["seed"]) for r in records[2:]] == [(4, 1)]
+    summary = json.loads(out.stdout[out.stdout.index("{\n"):])
+    assert summary["seed 0"]["checkpoints"] == 1 and summary["seed 0"]["committed"]["mean_fid"] == round(first[1]["committed"]["toy_fid"], 3)
+    bad = subprocess.run([*cmd, "--min-step", "5"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode != 0 and "has no checkpoints at step 5 or later" in bad.stderr.strip().splitlines()[-1]

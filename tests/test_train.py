@@ -78,6 +78,11 @@ def test_train_cli_end_to_end(tmp_path, data_dir, tiny_sdxl_file):
     ckpt = run / "checkpoints" / "step-00000006"
     assert {p.name for p in ckpt.iterdir()} >= {"student.safetensors", "critic.safetensors", "gan_head.safetensors", "training_state.pt", "state.json"}
     assert "dmd" in result.stderr and "d_gan" in result.stderr  # the progress bar shows the losses
+    # the last checkpoint's student, converted as `dmd2 export --run` converts it, is the LoRA the run wrote
+    from trainer.export import lora_from_checkpoint
+    tensors, ckpt_meta = lora_from_checkpoint(ckpt)
+    assert tensors.keys() == set(keys) and all(torch.equal(tensors[k], load_file(lora)[k]) for k in keys)
+    assert all(ckpt_meta[k] == meta[k] for k in ("dmd2.timesteps", "dmd2.rank", "dmd2.alpha", "dmd2.steps", "dmd2.teacher_hash"))
 
 
 def _final_weights(out: Path, steps: int) -> dict:
@@ -224,6 +229,16 @@ def test_print_config_lists_every_option():
     assert cfg["student"]["timesteps"] == [999, 749, 499, 249] and cfg["lora"] == {"rank": 16, "alpha": 8.0, "critic_rank": None, "critic_alpha": None}
     assert cfg["dmd"]["guidance_scale"] == 8.0 and cfg["gan"]["student_weight"] == 0.005 and cfg["gan"]["critic_weight"] == 0.01
     assert cfg["student"]["update_every"] == 5 and cfg["dmd"]["critic_lr"] == 5e-5 and cfg["student"]["lr"] == 5e-5
+
+
+def test_yaml_words_read_as_booleans_stay_words(tmp_path):
+    """YAML 1.1 reads `no` as false: `mixed_precision: no` (accelerate's spelling) must mean "no", in a file and --set."""
+    base = {"model": "m.safetensors", "prompts": "p.txt", "images": "none", "output_dir": str(tmp_path)}
+    (tmp_path / "run.yaml").write_text("mixed_precision: no\n")
+    assert load_config(tmp_path / "run.yaml", base=base).validate().mixed_precision == "no"
+    assert load_config(None, ["mixed_precision=no"], base=base).validate().mixed_precision == "no"
+    with pytest.raises(Exception, match="mixed_precision must be auto, no, bf16 or fp16, got 'yes'"):
+        load_config(None, ["mixed_precision=yes"], base=base).validate()
 
 
 @pytest.fixture(scope="module")

@@ -206,6 +206,8 @@ def _coerce(value, hint, key):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int or text == "int | None") and value != int(value):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value) if "float" in text or hint is float else int(value)
+    if hint is str and isinstance(value, bool):  # YAML 1.1 reads the word `no` (mixed_precision: no) as false
+        return "no" if value is False else "yes"
     if hint is bool or text == "bool | None":
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

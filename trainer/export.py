@@ -62,6 +62,27 @@ def recipe_metadata(*, timesteps, rank: int, alpha: float, training_steps: int, 
     return meta
 
 
+def lora_from_checkpoint(checkpoint: str | Path, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A training checkpoint folder (``checkpoints/step-N``) -> the student LoRA in kohya keys and its recipe metadata,
+    as ``dmd2 train`` writes them at the end of a run."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    info = json.loads((checkpoint / "state.json").read_text())
+    cfg, teacher = info["config"], info.get("teacher", {})
+    alpha = cfg["lora"]["alpha"]
+    tensors = {}
+    for key, value in load_file(checkpoint / "student.safetensors").items():  # <module>.lora_A.student.weight
+        module, _, rest = key.partition(".lora_")
+        base = PREFIX + module.replace(".", "_")
+        tensors[f"{base}.lora_{'down' if rest.startswith('A') else 'up'}.weight"] = value.to(dtype)
+        tensors[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    meta = recipe_metadata(timesteps=cfg["student"]["timesteps"], rank=cfg["lora"]["rank"], alpha=alpha,
+                           training_steps=info["step"], teacher=teacher.get("name", cfg["model"]), teacher_hash=teacher.get("hash", ""),
+                           prediction_type=teacher.get("prediction_type", cfg.get("prediction_type") or "epsilon"))
+    return tensors, meta
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +125,6 @@ def merge_into_unet(unet, tensors: dict[str, torch.Tensor], strength: float = 1.
         alpha = float(tensors.get(f"{key}.alpha", torch.tensor(float(rank))))
         delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape) * (strength * alpha / rank)
         with torch.no_grad():
-            module.weight.add_(delta.to(module.weight.dtype))
+            module.weight.add_(delta.to(module.weight.device, module.weight.dtype))
         patched += 1
     return patched

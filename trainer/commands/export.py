@@ -34,41 +34,14 @@ def run(args) -> int:
 
 
 def _export_run(args, dtype) -> int:
-    import json
-
-    from safetensors.torch import load_file
-
     from trainer.checkpoint import find_checkpoint
-    from trainer.export import recipe_metadata, save_safetensors_atomic
+    from trainer.export import lora_from_checkpoint, save_safetensors_atomic
 
     run_dir = Path(args.run)
     ckpt = find_checkpoint(run_dir, "latest") if (run_dir / "checkpoints").is_dir() else find_checkpoint(run_dir.parent.parent, str(run_dir))
-    info = json.loads((ckpt / "state.json").read_text())
-    cfg = info["config"]
-    student = load_file(ckpt / "student.safetensors")
-    tensors = _peft_to_kohya(student, cfg["lora"]["alpha"], dtype)
-    teacher = info.get("teacher", {})
-    meta = recipe_metadata(timesteps=cfg["student"]["timesteps"], rank=cfg["lora"]["rank"], alpha=cfg["lora"]["alpha"],
-                           training_steps=info["step"], teacher=teacher.get("name", cfg["model"]), teacher_hash=teacher.get("hash", ""),
-                           prediction_type=teacher.get("prediction_type", cfg.get("prediction_type") or "epsilon"))
+    tensors, meta = lora_from_checkpoint(ckpt, dtype)
     print(save_safetensors_atomic(tensors, args.out, meta))
     return 0
-
-
-def _peft_to_kohya(student: dict, alpha: float, dtype) -> dict:
-    """Checkpoint tensors (``<module>.lora_A.student.weight``) -> kohya keys."""
-    import torch
-
-    from trainer.export import PREFIX
-
-    out = {}
-    for key, value in student.items():
-        module, _, rest = key.partition(".lora_")
-        kind = rest.split(".")[0]  # "A" or "B"
-        base = PREFIX + module.replace(".", "_")
-        out[f"{base}.lora_{'down' if kind == 'A' else 'up'}.weight"] = value.to(dtype)
-        out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-    return out
 
 
 def _merge(args, dtype) -> int:

@@ -37,8 +37,10 @@ def digit_conditioning(model, digits: Sequence[int], resolution: int = IMAGE_SIZ
 @torch.no_grad()
 def sample_row(model, row: Row, digits: Sequence[int], *, seed: int = 0, batch_size: int = 250,
                resolution: int = IMAGE_SIZE) -> tuple[Tensor, float]:
-    """Images [N, 3, H, W] in [-1, 1] for ``digits`` and the wall time per image (sampling + VAE decode)."""
+    """Images [N, 3, H, W] in [-1, 1] (on the CPU) for ``digits`` and the wall time per image (sampling + VAE decode).
+    Sampling runs where the UNet is (the VAE must be there too); the noise is drawn on the CPU, as everywhere."""
     cond_all = digit_conditioning(model, digits, resolution)
+    weight = next(model.unet.parameters())
     shape = gen.latent_shape(model.unet, model.vae, resolution)
     call = gen.unet_call(model.unet)
     images = []
@@ -47,8 +49,9 @@ def sample_row(model, row: Row, digits: Sequence[int], *, seed: int = 0, batch_s
         idx = torch.arange(i, min(i + batch_size, len(digits)))
         cond, seeds = cond_all.index(idx), [seed * 1_000_003 + int(j) for j in idx]
         if row.timesteps is not None:
-            lat = gen.sample_student(call, model.schedule, cond, row.timesteps, seeds, shape)
+            lat = gen.sample_student(call, model.schedule, cond, row.timesteps, seeds, shape, device=weight.device, dtype=weight.dtype)
         else:
-            lat = gen.sample_teacher(call, model.schedule, cond, cond.zeros_like(), row.steps, row.cfg, seeds, shape)
-        images.append(gen.decode(model.vae, lat))
+            lat = gen.sample_teacher(call, model.schedule, cond, cond.zeros_like(), row.steps, row.cfg, seeds, shape,
+                                     device=weight.device, dtype=weight.dtype)
+        images.append(gen.decode(model.vae, lat).cpu())
     return torch.cat(images), (time.perf_counter() - start) / len(digits)
