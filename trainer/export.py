@@ -67,8 +67,10 @@ def lora_from_checkpoint(checkpoint: str | Path, dtype: torch.dtype = torch.floa
     as ``dmd2 train`` writes them at the end of a run."""
     from safetensors.torch import load_file
 
+    from trainer.checkpoint import STATE_FILE
+
     checkpoint = Path(checkpoint)
-    info = json.loads((checkpoint / "state.json").read_text())
+    info = json.loads((checkpoint / STATE_FILE).read_text())
     cfg, teacher = info["config"], info.get("teacher", {})
     alpha = cfg["lora"]["alpha"]
     tensors = {}

@@ -2,8 +2,8 @@
 its training, by the evaluator's classifier and the two second opinions (NOTES.md point 27: one checkpoint's FID is
 a draw from a drifting run, so compare runs by their mean over checkpoints).
 
-    python benchmarks/toy/score_checkpoints.py outputs/runs/b16 --train --set batch_size=16  # demo.yaml + overrides
-    python benchmarks/toy/score_checkpoints.py outputs/runs/b16 --min-step 1000 --seeds 0,1,2
+    python benchmarks/toy/score_checkpoints.py outputs/runs/seed1 --train --set seed=1  # demo.yaml + overrides
+    python benchmarks/toy/score_checkpoints.py outputs/runs/seed1 --min-step 1000 --seeds 0,1,2
     python benchmarks/toy/score_checkpoints.py outputs/runs/b1024 --train --device cuda \\
         --set batch_size=1024 micro_batch_size=1024 checkpoint_every=100   # the GPU runs of NOTES.md point 28
 
