@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.checkpoint import STATE_FILE  # noqa: E402
 from trainer.export import lora_from_checkpoint, merge_into_unet  # noqa: E402
+from trainer.generate import place  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
@@ -72,10 +73,10 @@ def score_run(run_dir: Path, teacher: str, min_step: int, seeds: list[int], devi
     todo = [(step, path) for step, path in checkpoints(run_dir, min_step, every) if any((step, s) not in done for s in seeds)]
     if not todo:
         return records
-    evaluators = {"committed": ToyEvaluator.load(), **{n: ToyEvaluator.load(p) for n, p in SECOND_OPINION.items()}}
+    evaluators = {"committed": ToyEvaluator.load(), **{name: ToyEvaluator.load(path) for name, path in SECOND_OPINION.items()}}
     model = load_sdxl(teacher)
-    model.unet.to(device)
-    model.vae.to(device)
+    place(model.unet, device)
+    place(model.vae, device)
     original = {k: v.clone() for k, v in model.unet.state_dict().items()}
     digits = [i % 10 for i in range(n)]
     for step, path in todo:
