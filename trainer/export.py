@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from trainer.checkpoint import STATE_FILE
 from trainer.errors import LoRAFormatError
 
 PREFIX = "lora_unet_"
@@ -65,10 +66,6 @@ def recipe_metadata(*, timesteps, rank: int, alpha: float, training_steps: int, 
 def lora_from_checkpoint(checkpoint: str | Path, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A training checkpoint folder (``checkpoints/step-N``) -> the student LoRA in kohya keys and its recipe metadata,
     as ``dmd2 train`` writes them at the end of a run."""
-    from safetensors.torch import load_file
-
-    from trainer.checkpoint import STATE_FILE
-
     checkpoint = Path(checkpoint)
     info = json.loads((checkpoint / STATE_FILE).read_text())
     cfg, teacher = info["config"], info.get("teacher", {})

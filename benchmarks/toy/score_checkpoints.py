@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from trainer.checkpoint import STATE_FILE  # noqa: E402
 from trainer.export import lora_from_checkpoint, merge_into_unet  # noqa: E402
@@ -34,9 +34,10 @@ from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
+from make_table import SECOND_OPINION as TABLE_SECOND_OPINION  # noqa: E402
 
-SECOND_OPINION = {f"seed{s}": ROOT / "benchmarks" / "toy" / "second_opinion" / f"digit_classifier_seed{s}.safetensors"
-                  for s in (1, 2)}
+# make_table's second-opinion classifiers, named by their training seed ("seed1", "seed2") in scores.jsonl
+SECOND_OPINION = {path.stem.rsplit("_", 1)[1]: path for path in TABLE_SECOND_OPINION}
 
 
 def train_run(run_dir: Path, teacher: str, overrides: list[str]) -> float:
