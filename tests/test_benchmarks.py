@@ -106,7 +106,7 @@ def test_score_checkpoints_trains_and_scores_every_checkpoint_once(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     scores = tmp_path / "run" / "scores.jsonl"
     first = [json.loads(line) for line in scores.read_text().splitlines()]
-    assert [(r["step"], r["seed"]) for r in first] == [(2, 0), (4, 0)]
+    assert [(r["step"], r["seed"]) for r in first] == [(4, 0), (2, 0)]  # newest first: a deadline keeps the latest
     assert all(r[c]["toy_fid"] > 0 and 0 <= r[c]["accuracy"] <= 1 for r in first for c in ("committed", "seed1", "seed2"))
     # the three classifiers are different networks: they never give one image set the same distance
     assert len({first[0][c]["toy_fid"] for c in ("committed", "seed1", "seed2")}) == 3
@@ -115,6 +115,6 @@ def test_score_checkpoints_trains_and_scores_every_checkpoint_once(tmp_path):
     records = [json.loads(line) for line in scores.read_text().splitlines()]
     assert records[:2] == first and [(r["step"], r["seed"]) for r in records[2:]] == [(4, 1)]
     summary = json.loads(out.stdout[out.stdout.index("{\n"):])
-    assert summary["seed 0"]["checkpoints"] == 1 and summary["seed 0"]["committed"]["mean_fid"] == round(first[1]["committed"]["toy_fid"], 3)
+    assert summary["seed 0"]["checkpoints"] == 1 and summary["seed 0"]["committed"]["mean_fid"] == round(first[0]["committed"]["toy_fid"], 3)
     bad = subprocess.run([*cmd, "--min-step", "5"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode != 0 and "has no checkpoints at step 5 or later" in bad.stderr.strip().splitlines()[-1]

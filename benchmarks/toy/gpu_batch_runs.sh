@@ -5,10 +5,12 @@
 # still scores what was trained. Needs the diffusers wheel in .bench/wheels (benchmarks/README.md), carried:
 #
 #   run(command="TRAIN_END=290 END=360 bash benchmarks/toy/gpu_batch_runs.sh > $OUT/log 2>&1", carry=[".bench"], timeout_s=420)
+#   run(command="ONLY='4s-b1024-s0 1s-b1024-s0' TRAIN_END=430 END=560 bash ...", ...)   # two of the runs, longer
 #   DRY=1 PYTHON=.venv/bin/python bash benchmarks/toy/gpu_batch_runs.sh   # the same on a CPU, tiny, in about a minute
 #
 # Everything (logs, scores.jsonl per run, the final LoRAs) comes back as one $OUT/results.tgz: the device tool returns
-# only a few files per call.
+# only a few files per call. A second call while the machine is still warm resumes the runs (and their logs and scores)
+# from /tmp/toy_gpu_work, which survives between calls on the same machine.
 set -u
 cd "$(dirname "$0")/../.."
 RETURN=${OUT:-/tmp/toy_gpu_out}; WORK=/tmp/toy_gpu_work; LOGS=$WORK/logs; RUNS=$WORK/runs
@@ -31,16 +33,20 @@ if [ "${DRY:-0}" = 1 ]; then
   DEVICE=cpu; export OMP_NUM_THREADS=1
   COMMON="mixed_precision=no steps=20 checkpoint_every=10"
   declare -A SETS=([4s-b8-s0]="batch_size=8 micro_batch_size=8 seed=0" [1s-b8-s0]="batch_size=8 micro_batch_size=8 seed=0 student.timesteps=1")
-  declare -A MIN=([4s-b8-s0]=10 [1s-b8-s0]=10); LATE=20
+  declare -A MIN=([4s-b8-s0]=10 [1s-b8-s0]=10); LATE=20; FIRST=20
 else
   DEVICE=cuda; export OMP_NUM_THREADS=3
-  COMMON="mixed_precision=no checkpoint_every=100"
+  # steps=4000: the deadline ends the runs (the learning rate is constant, so the trajectory does not depend on steps)
+  COMMON="mixed_precision=no checkpoint_every=100 steps=4000"
   declare -A SETS=(
     [4s-b1024-s0]="batch_size=1024 micro_batch_size=1024 seed=0"
     [4s-b1024-s1]="batch_size=1024 micro_batch_size=1024 seed=1"
-    [1s-b1024-s0]="batch_size=1024 micro_batch_size=1024 seed=0 student.timesteps=1 steps=2400 checkpoint_every=200"
+    [1s-b1024-s0]="batch_size=1024 micro_batch_size=1024 seed=0 student.timesteps=1 checkpoint_every=200"
   )
-  declare -A MIN=([4s-b1024-s0]=400 [4s-b1024-s1]=400 [1s-b1024-s0]=800); LATE=1000
+  declare -A MIN=([4s-b1024-s0]=400 [4s-b1024-s1]=400 [1s-b1024-s0]=800); LATE=1000; FIRST=400
+fi
+if [ -n "${ONLY:-}" ]; then  # ONLY="4s-b1024-s0 1s-b1024-s0": just these runs (fewer runs, more iterations each)
+  for name in "${!SETS[@]}"; do [[ " $ONLY " == *" $name "* ]] || unset "SETS[$name]"; done
 fi
 
 bounded() {  # bounded DEADLINE SIGNAL CMD...: run CMD until DEADLINE seconds into this script, or skip it if that has passed
@@ -50,9 +56,11 @@ bounded() {  # bounded DEADLINE SIGNAL CMD...: run CMD until DEADLINE seconds in
 }
 for name in "${!SETS[@]}"; do
   (
-    bounded $TRAIN_END INT $PY $SCORE $RUNS/$name --train --no-score --set $COMMON ${SETS[$name]} > "$LOGS/$name.train.log" 2>&1
+    bounded $TRAIN_END INT $PY $SCORE $RUNS/$name --train --no-score --set $COMMON ${SETS[$name]} >> "$LOGS/$name.train.log" 2>&1
     echo "train rc $? at ${SECONDS}s" >> "$LOGS/$name.train.log"
-    bounded $END KILL $PY $SCORE $RUNS/$name --min-step ${MIN[$name]} --device $DEVICE > "$LOGS/$name.score.log" 2>&1
+    # Every FIRST-th checkpoint first, then the rest (each pass newest first), so a deadline leaves a spread scored.
+    bounded $END KILL $PY $SCORE $RUNS/$name --min-step ${MIN[$name]} --every $FIRST --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
+    bounded $END KILL $PY $SCORE $RUNS/$name --min-step ${MIN[$name]} --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
     bounded $END KILL $PY $SCORE $RUNS/$name --min-step $LATE --seeds 1,2 --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
     echo "scoring ended at ${SECONDS}s" >> "$LOGS/$name.score.log"
   ) &

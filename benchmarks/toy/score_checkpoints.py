@@ -67,11 +67,12 @@ def checkpoints(run_dir: Path, min_step: int, every: int = 1) -> list[tuple[int,
 
 def score_run(run_dir: Path, teacher: str, min_step: int, seeds: list[int], device: str, n: int = 1000,
               every: int = 1) -> list[dict]:
-    """Score each checkpoint at ``min_step`` or later that ``scores.jsonl`` lacks; returns all records of the run."""
+    """Score each checkpoint at ``min_step`` or later that ``scores.jsonl`` lacks, newest first (a pass cut short by a
+    deadline has scored the furthest-trained ones); returns all records of the run."""
     out = run_dir / "scores.jsonl"
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
     done = {(r["step"], r["seed"]) for r in records}
-    todo = [(step, path) for step, path in checkpoints(run_dir, min_step, every) if any((step, s) not in done for s in seeds)]
+    todo = [(step, path) for step, path in reversed(checkpoints(run_dir, min_step, every)) if any((step, s) not in done for s in seeds)]
     if not todo:
         return records
     evaluators = {"committed": ToyEvaluator.load(), **{name: ToyEvaluator.load(path) for name, path in SECOND_OPINION.items()}}
