@@ -118,3 +118,45 @@ def test_score_checkpoints_trains_and_scores_every_checkpoint_once(tmp_path):
     assert summary["seed 0"]["checkpoints"] == 1 and summary["seed 0"]["committed"]["mean_fid"] == round(first[0]["committed"]["toy_fid"], 3)
     bad = subprocess.run([*cmd, "--min-step", "5"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode != 0 and "has no checkpoints at step 5 or later" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_handoff_ends_are_the_plain_rows_and_every_handover_is_scored(tmp_path):
+    """`handoff.py`: handing over at the student's last step is the plain student, and at the grid's end the plain
+    teacher, image for image (the same noise draws as the table's rows); the script scores every hand-over of a LoRA
+    the real trainer wrote."""
+    sys.path[:0] = [str(REPO / "benchmarks" / "toy")]
+    import handoff
+    from score_checkpoints import train_run
+
+    from trainer.models.loading import load_sdxl
+    from trainer.toy.rows import Row, sample_row
+    from trainer.toy.teacher import teacher_path
+
+    model = load_sdxl(str(teacher_path()))
+    digits, timesteps = [3, 7, 1], (999, 749, 499, 249)
+    student = handoff.sample(model, model.unet, ("", "student_first", 4), timesteps, digits, seed=2, cfg=1.5, teacher_steps=6)
+    assert torch_equal(student, sample_row(model, Row("student", 4, 1.0, timesteps), digits, seed=2)[0])
+    teacher = handoff.sample(model, model.unet, ("", "teacher_first", 4), timesteps, digits, seed=2, cfg=1.5, teacher_steps=6)
+    assert torch_equal(teacher, sample_row(model, Row("teacher", 6, 1.5), digits, seed=2)[0])
+    # a hand-over in between is neither
+    middle = handoff.sample(model, model.unet, ("", "student_first", 2), timesteps, digits, seed=2, cfg=1.5, teacher_steps=6)
+    assert not torch_equal(middle, student) and not torch_equal(middle, teacher)
+
+    train_run(tmp_path / "run", str(teacher_path()), ["steps=2", "checkpoint_every=2", "batch_size=2", "micro_batch_size=2"])
+    lora = next((tmp_path / "run").glob("dmd2_*_lora.safetensors"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "toy" / "handoff.py"), str(lora), "--n", "20", "--teacher-steps", "6",
+                          "--json", str(tmp_path / "handoff.json")], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "handoff.json").read_text())
+    assert [r["row"] for r in rows] == [name for name, _, _ in handoff.rows_for(4)] and len(rows) == 9
+    assert all(r[c] > 0 for r in rows for c in ("committed", "seed1", "seed2")) and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert rows[-2]["row"] == "teacher (plain)" and rows[0]["row"] == "student (plain)"
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "toy" / "handoff.py"), str(tmp_path / "missing.safetensors")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode != 0 and "missing.safetensors" in bad.stderr.strip().splitlines()[-1]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return a.shape == b.shape and bool(torch.equal(a, b))

@@ -47,8 +47,11 @@ def make_denoiser(call: UNetCall, schedule: NoiseSchedule, cond: Conditioning, *
     return denoise
 
 
-def _noise(generators: list[torch.Generator], shape, device, dtype) -> Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=dtype)
+def seeded_noise(seeds: Sequence[int], shape, device="cpu", dtype=torch.float32) -> Callable[..., Tensor]:
+    """A function that draws the next noise batch [len(seeds), *shape], each call fresh: one CPU generator per seed,
+    so an image's noise does not depend on what else is in the batch or on the device."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return lambda *_: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -56,20 +59,19 @@ def sample_student(call: UNetCall, schedule: NoiseSchedule, cond: Conditioning, 
                    seeds: Sequence[int], latent_shape, *, device="cpu", dtype=torch.float32) -> Tensor:
     """DMD2 sampling at the student's trained timesteps; one generator per seed, so an image does not depend on
     what else is in the batch."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = seeded_noise(seeds, latent_shape, device, dtype)
     sigmas = sampling.sigmas_for_timesteps(schedule.sigmas, timesteps)
-    x = sampling.initial_latent(_noise(gens, latent_shape, device, dtype), sigmas[0])
+    x = sampling.initial_latent(noise(), sigmas[0])
     denoise = make_denoiser(call, schedule, cond.to(device, dtype))
-    return sampling.sample_dmd2(denoise, x, sigmas, lambda i: _noise(gens, latent_shape, device, dtype))
+    return sampling.sample_dmd2(denoise, x, sigmas, noise)
 
 
 @torch.no_grad()
 def sample_teacher(call: UNetCall, schedule: NoiseSchedule, cond: Conditioning, uncond: Conditioning, steps: int,
                    guidance_scale: float, seeds: Sequence[int], latent_shape, *, device="cpu", dtype=torch.float32) -> Tensor:
     """The teacher with ``steps`` Euler steps and CFG (the many-step reference the student is compared with)."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     sigmas = sampling.teacher_sigmas(schedule.sigmas, steps)
-    x = sampling.initial_latent(_noise(gens, latent_shape, device, dtype), sigmas[0])
+    x = sampling.initial_latent(seeded_noise(seeds, latent_shape, device, dtype)(), sigmas[0])
     denoise = make_denoiser(call, schedule, cond.to(device, dtype), guidance_scale=guidance_scale, uncond=uncond.to(device, dtype))
     return sampling.sample_euler(denoise, x, sigmas)
 
