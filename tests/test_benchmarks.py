@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,12 +136,12 @@ def test_handoff_ends_are_the_plain_rows_and_every_handover_is_scored(tmp_path):
     model = load_sdxl(str(teacher_path()))
     digits, timesteps = [3, 7, 1], (999, 749, 499, 249)
     student = handoff.sample(model, model.unet, ("", "student_first", 4), timesteps, digits, seed=2, cfg=1.5, teacher_steps=6)
-    assert torch_equal(student, sample_row(model, Row("student", 4, 1.0, timesteps), digits, seed=2)[0])
+    assert torch.equal(student, sample_row(model, Row("student", 4, 1.0, timesteps), digits, seed=2)[0])
     teacher = handoff.sample(model, model.unet, ("", "teacher_first", 4), timesteps, digits, seed=2, cfg=1.5, teacher_steps=6)
-    assert torch_equal(teacher, sample_row(model, Row("teacher", 6, 1.5), digits, seed=2)[0])
+    assert torch.equal(teacher, sample_row(model, Row("teacher", 6, 1.5), digits, seed=2)[0])
     # a hand-over in between is neither
     middle = handoff.sample(model, model.unet, ("", "student_first", 2), timesteps, digits, seed=2, cfg=1.5, teacher_steps=6)
-    assert not torch_equal(middle, student) and not torch_equal(middle, teacher)
+    assert not torch.equal(middle, student) and not torch.equal(middle, teacher)
 
     train_run(tmp_path / "run", str(teacher_path()), ["steps=2", "checkpoint_every=2", "batch_size=2", "micro_batch_size=2"])
     lora = next((tmp_path / "run").glob("dmd2_*_lora.safetensors"))
@@ -155,8 +156,3 @@ def test_handoff_ends_are_the_plain_rows_and_every_handover_is_scored(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "toy" / "handoff.py"), str(tmp_path / "missing.safetensors")],
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode != 0 and "missing.safetensors" in bad.stderr.strip().splitlines()[-1]
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-    return a.shape == b.shape and bool(torch.equal(a, b))

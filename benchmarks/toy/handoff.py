@@ -27,11 +27,11 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from trainer import generate as gen  # noqa: E402
 from trainer import sampling  # noqa: E402
+from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
-from trainer.toy.digits import IMAGE_SIZE  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
-from trainer.toy.rows import digit_conditioning  # noqa: E402
+from trainer.toy.rows import sample_digits  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 from make_table import SECOND_OPINION  # noqa: E402
 
@@ -61,30 +61,24 @@ def rows_for(n: int) -> list[tuple[str, str, int]]:
     return rows + [("teacher (plain)", "teacher_first", n), ("control: teacher x0 at t_1, then teacher", "teacher_only", 1)]
 
 
-@torch.no_grad()
-def sample(model, student_unet, row: tuple[str, str, int], timesteps, digits, seed: int, cfg: float, teacher_steps: int,
-           batch_size: int = 250) -> Tensor:
-    """Images [N, 3, H, W] for one hand-over row; image i's noise depends only on (seed, i), as in the table."""
+def sample(model, student_unet, row: tuple[str, str, int], timesteps, digits, seed: int, cfg: float,
+           teacher_steps: int) -> Tensor:
+    """Images [N, 3, H, W] for one hand-over row, with the noise draws of the table's rows (``sample_digits``)."""
     _, order, k = row
-    cond_all = digit_conditioning(model, digits)
-    shape = gen.latent_shape(model.unet, model.vae, IMAGE_SIZE)
     student_sigmas = sampling.sigmas_for_timesteps(model.schedule.sigmas, timesteps)
     teacher_grid = sampling.teacher_sigmas(model.schedule.sigmas, teacher_steps)
-    images = []
-    for i in range(0, len(digits), batch_size):
-        idx = torch.arange(i, min(i + batch_size, len(digits)))
-        cond = cond_all.index(idx)
-        noise = gen.seeded_noise([seed * 1_000_003 + int(j) for j in idx], shape)
+
+    def draw(cond, seeds, shape) -> Tensor:
+        noise = gen.seeded_noise(seeds, shape)
         teacher = gen.make_denoiser(gen.unet_call(model.unet), model.schedule, cond, guidance_scale=cfg, uncond=cond.zeros_like())
         student = gen.make_denoiser(gen.unet_call(student_unet), model.schedule, cond)
         if order == "student_first":
-            lat = student_then_teacher(student, teacher, student_sigmas, teacher_grid, k, noise)
-        elif order == "teacher_first":
-            lat = teacher_then_student(teacher, student, student_sigmas, teacher_grid, k, noise)
-        else:
-            lat = student_then_teacher(teacher, teacher, student_sigmas, teacher_grid, k, noise)
-        images.append(gen.decode(model.vae, lat))
-    return torch.cat(images)
+            return student_then_teacher(student, teacher, student_sigmas, teacher_grid, k, noise)
+        if order == "teacher_first":
+            return teacher_then_student(teacher, student, student_sigmas, teacher_grid, k, noise)
+        return student_then_teacher(teacher, teacher, student_sigmas, teacher_grid, k, noise)  # the control
+
+    return sample_digits(model, digits, draw, seed=seed)[0]
 
 
 def main(argv=None) -> int:
@@ -97,9 +91,14 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1000, help="images per row and seed (digits 0-9 in turn)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
-    tensors, meta = read_lora(args.lora)
+    try:
+        tensors, meta = read_lora(args.lora)
+        model = load_sdxl(args.teacher)
+    except DMD2Error as exc:
+        p.error(str(exc))
+    if "dmd2.timesteps" not in meta:
+        p.error(f"{args.lora} has no dmd2.timesteps in its metadata: pass a LoRA that `dmd2 train` or `dmd2 demo` wrote")
     timesteps = tuple(json.loads(meta["dmd2.timesteps"]))
-    model = load_sdxl(args.teacher)
     student_unet = copy.deepcopy(model.unet)
     merge_into_unet(student_unet, tensors)
     evaluators = {"committed": ToyEvaluator.load(), **{path.stem.rsplit("_", 1)[1]: ToyEvaluator.load(path) for path in SECOND_OPINION}}
