@@ -30,10 +30,9 @@ from trainer import sampling  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
-from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.toy.rows import sample_digits  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
-from make_table import SECOND_OPINION  # noqa: E402
+from make_table import load_evaluators  # noqa: E402
 
 
 def student_then_teacher(student: sampling.Denoiser, teacher: sampling.Denoiser, student_sigmas: Tensor,
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
     timesteps = tuple(json.loads(meta["dmd2.timesteps"]))
     student_unet = copy.deepcopy(model.unet)
     merge_into_unet(student_unet, tensors)
-    evaluators = {"committed": ToyEvaluator.load(), **{path.stem.rsplit("_", 1)[1]: ToyEvaluator.load(path) for path in SECOND_OPINION}}
+    evaluators = load_evaluators()
     digits = [i % 10 for i in range(args.n)]
     results = []
     print(f"student timesteps {list(timesteps)}; teacher {args.teacher_steps} Euler steps at CFG {args.cfg}; "

@@ -44,6 +44,13 @@ CFG_SWEEP = (1.25, 1.5, 2.0, 3.0)  # the committed teacher evaluation (teacher_r
 # The same classifier trained with other seeds (`train_classifier.py --seed 1|2 --out ...`). Every row is also scored
 # with them: a student tuned against one feature extractor can look better to it than to another (NOTES.md point 27).
 SECOND_OPINION = tuple(ROOT / "benchmarks" / "toy" / "second_opinion" / f"digit_classifier_seed{s}.safetensors" for s in (1, 2))
+SECOND_OPINION_NAMES = tuple(path.stem.rsplit("_", 1)[1] for path in SECOND_OPINION)  # "seed1", "seed2"
+
+
+def load_evaluators() -> dict[str, ToyEvaluator]:
+    """The committed classifier ("committed") and the second opinions (by SECOND_OPINION_NAMES), in that order."""
+    return {"committed": ToyEvaluator.load(), **{name: ToyEvaluator.load(path) for name, path in zip(SECOND_OPINION_NAMES, SECOND_OPINION)}}
+
 # id -> (row name, sampling steps, config overrides on top of demo.yaml)
 STUDENTS = {
     "student-4": ("student 4-step", 4, []),
@@ -138,8 +145,7 @@ def main() -> None:
             train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         return
     digits = [i % 10 for i in range(args.n)]
-    evaluator = ToyEvaluator.load()
-    second_opinion = [ToyEvaluator.load(w) for w in SECOND_OPINION]
+    evaluator, *second_opinion = load_evaluators().values()
     teacher_file = args.teacher or teacher_path()
     teacher = load_sdxl(teacher_file)
     resolution = args.resolution or load_config(demo_config_path()).resolution

@@ -31,13 +31,9 @@ from trainer.checkpoint import STATE_FILE  # noqa: E402
 from trainer.export import lora_from_checkpoint, merge_into_unet  # noqa: E402
 from trainer.generate import place  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
-from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
-from make_table import SECOND_OPINION as TABLE_SECOND_OPINION  # noqa: E402
-
-# make_table's second-opinion classifiers, named by their training seed ("seed1", "seed2") in scores.jsonl
-SECOND_OPINION = {path.stem.rsplit("_", 1)[1]: path for path in TABLE_SECOND_OPINION}
+from make_table import SECOND_OPINION_NAMES, load_evaluators  # noqa: E402
 
 
 def train_run(run_dir: Path, teacher: str, overrides: list[str]) -> float:
@@ -75,7 +71,7 @@ def score_run(run_dir: Path, teacher: str, min_step: int, seeds: list[int], devi
     todo = [(step, path) for step, path in reversed(checkpoints(run_dir, min_step, every)) if any((step, s) not in done for s in seeds)]
     if not todo:
         return records
-    evaluators = {"committed": ToyEvaluator.load(), **{name: ToyEvaluator.load(path) for name, path in SECOND_OPINION.items()}}
+    evaluators = load_evaluators()
     model = load_sdxl(teacher)
     place(model.unet, device)
     place(model.vae, device)
@@ -115,7 +111,7 @@ def summary(records: list[dict], min_step: int, every: int = 1) -> dict:
             **{name: {"mean_fid": round(float(np.mean([r[name]["toy_fid"] for r in rows])), 3),
                       "sd_fid": round(float(np.std([r[name]["toy_fid"] for r in rows])), 3),
                       "mean_accuracy": round(float(np.mean([r[name]["accuracy"] for r in rows])), 4)}
-               for name in ("committed", *SECOND_OPINION)}}
+               for name in ("committed", *SECOND_OPINION_NAMES)}}
     return result
 
 
