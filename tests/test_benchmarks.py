@@ -64,7 +64,7 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     students are never reused for another teacher."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--n", "20", "--steps", "2", "--resolution", "64",
-           "--work", str(tmp_path / "work")]
+           "--seeds", "0,3", "--work", str(tmp_path / "work")]
     out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_folder), "--cfg-sweep", "1,2"], capture_output=True, text=True, timeout=900,
                          env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -74,8 +74,13 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     assert len(rows) == 9 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert all(len(r["second_opinion"]) == 2 and all(o["toy_fid"] > 0 for o in r["second_opinion"]) for r in rows)
     assert all(r["image_size"] == 64 for r in rows + full["teacher_cfg_sweep"])  # sampled at --resolution, not at 32
+    for r in rows:  # each number is the mean over the sampling seeds, whose draws differ
+        assert [s["seed"] for s in r["per_seed"]] == [0, 3] and r["per_seed"][0]["toy_fid"] != r["per_seed"][1]["toy_fid"]
+        assert r["toy_fid"] == pytest.approx(sum(s["toy_fid"] for s in r["per_seed"]) / 2)
+        assert r["second_opinion"][1]["accuracy"] == pytest.approx(sum(s["second_opinion"][1]["accuracy"] for s in r["per_seed"]) / 2)
     table = (tmp_path / "work" / "RESULTS.md").read_text()
-    assert f"--teacher {tiny_sdxl_folder} --n 20 --steps 2 --resolution 64 --cfg-sweep 1,2`" in table
+    assert f"--teacher {tiny_sdxl_folder} --n 20 --steps 2 --seeds 0,3 --resolution 64 --cfg-sweep 1,2`" in table
+    assert f"| {rows[0]['per_seed'][0]['toy_fid']:.2f} / {rows[0]['per_seed'][1]['toy_fid']:.2f} |" in table
     assert "| met by the second opinions (seed 1 / 2) |" in table and f"| {rows[0]['second_opinion'][0]['toy_fid']:.2f} (1.00x) / " in table
     from safetensors import safe_open
 

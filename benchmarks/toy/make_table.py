@@ -15,7 +15,9 @@ Students are trained with the real trainer into `--work`; a student whose LoRA e
 (`--train-only` trains some in a parallel process first), and one trained with another config or teacher is
 refused. Every row is also scored by two second-opinion classifiers (the evaluator's classifier trained with seeds 1 and
 2). Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image, image_size and
-second_opinion: toy_fid and accuracy per second-opinion classifier) and `RESULTS.md` into `--out`.
+second_opinion: toy_fid and accuracy per second-opinion classifier) and `RESULTS.md` into `--out`. Each row is
+sampled at every seed of `--seeds` (1,000 images each by default); its numbers are the means over them, and `per_seed`
+keeps each seed's (one seed's FID moves by about +-0.1 on the teacher and the students alike, NOTES.md point 30).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 
 CFG_SWEEP = (1.25, 1.5, 2.0, 3.0)  # the committed teacher evaluation (teacher_results.json) sweeps 1..6
+SEEDS = (0, 1, 2)  # sampling seeds: every row is sampled (1,000 images by default) and scored at each
 # The same classifier trained with other seeds (`train_classifier.py --seed 1|2 --out ...`). Every row is also scored
 # with them: a student tuned against one feature extractor can look better to it than to another (NOTES.md point 27).
 SECOND_OPINION = tuple(ROOT / "benchmarks" / "toy" / "second_opinion" / f"digit_classifier_seed{s}.safetensors" for s in (1, 2))
@@ -120,7 +123,8 @@ def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | No
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="images per row (digits 0-9 cycled)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_seed_list, default=SEEDS, metavar="S,S,...", help="sampling seeds; a row's numbers "
+                   "are the means over them (default: " + ",".join(map(str, SEEDS)) + ")")
     p.add_argument("--steps", type=int, default=None, help="training iterations per student (default: demo.yaml's, as "
                    "`dmd2 demo` trains)")
     p.add_argument("--teacher", type=Path, default=None, help="another digits teacher: a single-file SDXL checkpoint (e.g. "
@@ -155,10 +159,15 @@ def main() -> None:
     resolution = args.resolution or load_config(demo_config_path()).resolution
 
     def score(row: Row, model) -> dict:
-        images, seconds = sample_row(model, row, digits, seed=args.seed, resolution=resolution)
-        r = {"name": row.name, "steps": row.steps, "cfg": row.cfg, **evaluator.score(images, digits), "seconds_per_image": seconds,
-             "image_size": images.shape[-1]}  # what was sampled (the evaluator rescales to 32x32)
-        r["second_opinion"] = [{k: v for k, v in e.score(images, digits).items() if k != "diversity"} for e in second_opinion]
+        per_seed = []
+        for seed in args.seeds:
+            images, seconds = sample_row(model, row, digits, seed=seed, resolution=resolution)
+            per_seed.append({"seed": seed, **evaluator.score(images, digits), "seconds_per_image": seconds,
+                             "second_opinion": [{k: v for k, v in e.score(images, digits).items() if k != "diversity"} for e in second_opinion]})
+        r = {"name": row.name, "steps": row.steps, "cfg": row.cfg, **_mean(per_seed, ("toy_fid", "accuracy", "diversity", "seconds_per_image")),
+             "image_size": images.shape[-1],  # what was sampled (the evaluator rescales to 32x32)
+             "second_opinion": [_mean([s["second_opinion"][i] for s in per_seed], ("toy_fid", "accuracy")) for i in range(len(second_opinion))],
+             "per_seed": per_seed}
         others = " / ".join(f"{o['toy_fid']:.2f}" for o in r["second_opinion"])
         print(f"{row.name:<45} FID {r['toy_fid']:6.2f} ({others})  acc {r['accuracy']:.3f}  div {r['diversity']:.3f}  "
               f"{seconds * 1000:6.1f} ms/img", flush=True)
@@ -182,13 +191,27 @@ def main() -> None:
         if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
             r["train_minutes"] = round(train_minutes, 1)
         rows.append(r)
-    results = {"n": args.n, "seed": args.seed, "steps": args.steps, "resolution": args.resolution, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
+    results = {"n": args.n, "seeds": args.seeds, "steps": args.steps, "resolution": args.resolution, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "results_full.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "RESULTS.md").write_text(table_markdown(results))
     print(f"wrote {args.out / 'RESULTS.md'}")
+
+
+def _mean(records: list[dict], keys: tuple[str, ...]) -> dict:
+    return {k: sum(r[k] for r in records) / len(records) for k in keys}
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct and non-negative, e.g. 0,1,2")
+    return seeds
 
 
 def _cfg_list(text: str) -> tuple[float, ...]:
@@ -214,7 +237,7 @@ def _non_default_flags(results: dict) -> str:
     flags = f" --teacher {results['teacher']}" if results.get("teacher") else ""
     flags += f" --n {results['n']}" if results["n"] != 1000 else ""
     flags += f" --steps {results['steps']}" if results.get("steps") else ""
-    flags += f" --seed {results['seed']}" if results["seed"] != 0 else ""
+    flags += f" --seeds {','.join(map(str, results['seeds']))}" if tuple(results["seeds"]) != SEEDS else ""
     flags += f" --resolution {results['resolution']}" if results.get("resolution") else ""
     sweep = tuple(r["cfg"] for r in results["teacher_cfg_sweep"])
     return flags + (f" --cfg-sweep {','.join(f'{w:g}' for w in sweep)}" if sweep != CFG_SWEEP else "")
@@ -223,14 +246,16 @@ def _non_default_flags(results: dict) -> str:
 def table_markdown(results: dict) -> str:
     rows, teacher50 = results["rows"], results["rows"][0]
     lines = ["# Toy quality table: the digits teacher and its DMD2 students", "",
-             (f"Teacher `{results['teacher']}`; " if results.get("teacher") else "The bundled digits teacher; ") + f"{results['n']} images per row (digits 0-9 cycled, prompt \"a handwritten digit <word>\"), seed {results['seed']}, "
-             f"the same noise for image i in every row; CPU, {results['threads']} thread(s), torch {results['torch']}. "
+             (f"Teacher `{results['teacher']}`; " if results.get("teacher") else "The bundled digits teacher; ") + f"{results['n']} images per row and seed (digits 0-9 cycled, prompt \"a handwritten digit <word>\"), "
+             f"sampling seeds {', '.join(map(str, results['seeds']))}, the same noise for image i in every row; every number is the mean over the "
+             f"seeds (the toy FID per seed in its own column); CPU, {results['threads']} thread(s), torch {results['torch']}. "
              "Regenerate: `python benchmarks/toy/make_table.py" + _non_default_flags(results) + "`.", "",
-             "| row | steps | toy FID | FID / teacher-50 | accuracy | diversity | ms / image | second opinion: FID (/ teacher-50) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| row | steps | toy FID | FID / teacher-50 | toy FID per seed | accuracy | diversity | ms / image | second opinion: FID (/ teacher-50) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         others = " / ".join(f"{o['toy_fid']:.2f} ({o['toy_fid'] / t['toy_fid']:.2f}x)" for o, t in zip(r["second_opinion"], teacher50["second_opinion"]))
-        lines.append(f"| {r['name']} | {r['steps']} | {r['toy_fid']:.2f} | {r['toy_fid'] / teacher50['toy_fid']:.2f} | {r['accuracy']:.3f} | "
+        per_seed = " / ".join(f"{s['toy_fid']:.2f}" for s in r["per_seed"])
+        lines.append(f"| {r['name']} | {r['steps']} | {r['toy_fid']:.2f} | {r['toy_fid'] / teacher50['toy_fid']:.2f} | {per_seed} | {r['accuracy']:.3f} | "
                      f"{r['diversity']:.3f} | {r['seconds_per_image'] * 1000:.1f} | {others} |")
     lines += ["", "Teacher CFG sweep at 50 steps:", "", "| CFG | toy FID | accuracy | diversity |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['cfg']:g} | {r['toy_fid']:.2f} | {r['accuracy']:.3f} | {r['diversity']:.3f} |" for r in results["teacher_cfg_sweep"]]
