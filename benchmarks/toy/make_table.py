@@ -170,7 +170,7 @@ def main() -> None:
              "per_seed": per_seed}
         others = " / ".join(f"{o['toy_fid']:.2f}" for o in r["second_opinion"])
         print(f"{row.name:<45} FID {r['toy_fid']:6.2f} ({others})  acc {r['accuracy']:.3f}  div {r['diversity']:.3f}  "
-              f"{seconds * 1000:6.1f} ms/img", flush=True)
+              f"{r['seconds_per_image'] * 1000:6.1f} ms/img", flush=True)
         return r
 
     sweep = [score(Row(f"teacher 50 steps, CFG {w:g}", 50, w), teacher) for w in args.cfg_sweep]
