@@ -32,7 +32,7 @@ from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.rows import sample_digits  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
-from make_table import load_evaluators  # noqa: E402
+from make_table import load_evaluators, seed_list  # noqa: E402
 
 
 def student_then_teacher(student: sampling.Denoiser, teacher: sampling.Denoiser, student_sigmas: Tensor,
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default=str(teacher_path()), help="the teacher it was distilled from (default: the bundled one)")
     p.add_argument("--cfg", type=float, default=1.5, help="the teacher's CFG (the table's best 50-step row: 1.5)")
     p.add_argument("--teacher-steps", type=int, default=50, help="the teacher's Euler grid")
-    p.add_argument("--seeds", default="0", help="sampling seeds, comma-separated")
+    p.add_argument("--seeds", type=seed_list, default=(0,), metavar="S,S,...", help="sampling seeds")
     p.add_argument("--n", type=int, default=1000, help="images per row and seed (digits 0-9 in turn)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     results = []
     print(f"student timesteps {list(timesteps)}; teacher {args.teacher_steps} Euler steps at CFG {args.cfg}; "
           f"{args.n} images per row and seed; toy FID by the committed classifier / seed 1 / seed 2, accuracy, diversity")
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in args.seeds:
         for row in rows_for(len(timesteps)):
             images = sample(model, student_unet, row, timesteps, digits, seed, args.cfg, args.teacher_steps)
             scores = {name: ev.score(images, digits) for name, ev in evaluators.items()}

@@ -123,7 +123,7 @@ def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | No
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="images per row (digits 0-9 cycled)")
-    p.add_argument("--seeds", type=_seed_list, default=SEEDS, metavar="S,S,...", help="sampling seeds; a row's numbers "
+    p.add_argument("--seeds", type=seed_list, default=SEEDS, metavar="S,S,...", help="sampling seeds; a row's numbers "
                    "are the means over them (default: " + ",".join(map(str, SEEDS)) + ")")
     p.add_argument("--steps", type=int, default=None, help="training iterations per student (default: demo.yaml's, as "
                    "`dmd2 demo` trains)")
@@ -204,7 +204,8 @@ def _mean(records: list[dict], keys: tuple[str, ...]) -> dict:
     return {k: sum(r[k] for r in records) / len(records) for k in keys}
 
 
-def _seed_list(text: str) -> tuple[int, ...]:
+def seed_list(text: str) -> tuple[int, ...]:
+    """argparse type for comma-separated sampling seeds (here, in score_checkpoints.py and in handoff.py)."""
     try:
         seeds = tuple(int(s) for s in text.split(","))
     except ValueError:

@@ -33,7 +33,7 @@ from trainer.generate import place  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
-from make_table import SECOND_OPINION_NAMES, load_evaluators  # noqa: E402
+from make_table import SECOND_OPINION_NAMES, load_evaluators, seed_list  # noqa: E402
 
 
 def train_run(run_dir: Path, teacher: str, overrides: list[str]) -> float:
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default=str(teacher_path()), help="the teacher (default: the bundled digits teacher)")
     p.add_argument("--min-step", type=int, default=0, help="score only checkpoints at this step or later")
     p.add_argument("--every", type=int, default=1, help="score only checkpoints whose step is a multiple of this")
-    p.add_argument("--seeds", default="0", help="sampling seeds, comma-separated (the table uses 0)")
+    p.add_argument("--seeds", type=seed_list, default=(0,), metavar="S,S,...", help="sampling seeds (the table uses 0,1,2)")
     p.add_argument("--n", type=int, default=1000, help="images per checkpoint and seed (the table uses 1,000)")
     p.add_argument("--device", default="cpu", help="where to sample (training picks CUDA when there is one)")
     args = p.parse_args(argv)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         p.error("--set and --no-score need --train")
     if not checkpoints(run_dir, args.min_step, args.every):
         p.error(f"{run_dir} has no checkpoints at step {args.min_step} or later (every {args.every}): train it with --train")
-    records = score_run(run_dir, args.teacher, args.min_step, [int(s) for s in args.seeds.split(",")], args.device, args.n, args.every)
+    records = score_run(run_dir, args.teacher, args.min_step, list(args.seeds), args.device, args.n, args.every)
     print(json.dumps({"run": str(run_dir), **summary(records, args.min_step, args.every)}, indent=1))
     return 0
 
