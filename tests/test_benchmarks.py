@@ -161,3 +161,32 @@ def test_handoff_ends_are_the_plain_rows_and_every_handover_is_scored(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "toy" / "handoff.py"), str(tmp_path / "missing.safetensors")],
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode != 0 and "missing.safetensors" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_critic_fit_uses_the_critic_of_each_student_step(tmp_path):
+    """`critic_fit.py` on a run with one critic per student step: the critics of steps the run never drew are still
+    zero and predict exactly what the teacher does; those that trained do not. A missing checkpoint is one line."""
+    sys.path[:0] = [str(REPO / "benchmarks" / "toy")]
+    from safetensors.torch import load_file
+    from score_checkpoints import train_run
+
+    from trainer.toy.teacher import teacher_path
+
+    run = tmp_path / "run"
+    train_run(run, str(teacher_path()), ["steps=2", "checkpoint_every=2", "batch_size=2", "micro_batch_size=2", "dmd.critic_per_step=true"])
+    critic = load_file(run / "checkpoints" / "step-00000002" / "critic.safetensors")
+    names = ["critic", "critic_1", "critic_2", "critic_3"]
+    trained = [any(v.abs().sum() > 0 for key, v in critic.items() if f".{name}." in key and "lora_B" in key) for name in names]
+    assert 1 <= sum(trained) <= 2  # two iterations draw at most two of the four steps
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "critic_fit.py"), str(run), "--n", "2"]
+    out = subprocess.run([*cmd, "--steps", "2"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fit = json.loads(out.stdout.strip().splitlines()[-1])["2"]
+    assert len(fit) == 4 * 5 and all(e > 0 for r in fit.values() for e in r["mse"] + r["spread"])
+    for k in range(4):
+        rows = [fit[f"k{k}t{t}"] for t in (900, 700, 500, 300, 100)]
+        assert all((r["mse"][0] != r["mse"][1]) == trained[k] and (r["spread"][0] != r["spread"][1]) == trained[k] for r in rows), (k, rows)
+        assert len({r["spread"][2] for r in rows}) == 1  # the samples are the same at every re-noising
+    bad = subprocess.run([*cmd, "--steps", "3"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode != 0 and "no complete checkpoint at step(s) [3]" in bad.stderr.strip().splitlines()[-1]

@@ -59,6 +59,26 @@ def test_critic_denoising_loss_is_mse():
     torch.testing.assert_close(obj.critic_denoising_loss(pred, target), torch.tensor((0 + 4 + 9) / 3))
 
 
+def test_critic_x0_loss_is_the_eps_loss_at_high_snr_and_the_x0_loss_at_low():
+    """For an eps prediction, x0_hat - x0 = -(eps_hat - eps) / sqrt(SNR): weighted by max(SNR, 1) the x0 error is the
+    eps error where SNR >= 1, and stays the plain x0 error where SNR < 1 (the high-noise end)."""
+    from trainer.schedule import NoiseSchedule, add_noise, output_to_x0
+
+    schedule = NoiseSchedule.sdxl()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    eps_hat = eps + 0.1 * torch.randn(2, 4, 8, 8, generator=g)
+    for t_value, high_noise in ((100, False), (900, True)):
+        t = torch.full((2,), t_value)
+        s, n = schedule.coefficients(t, x0)
+        snr = (s / n) ** 2
+        assert bool((snr < 1).all()) == high_noise
+        x0_hat = output_to_x0(schedule, eps_hat, add_noise(schedule, x0, eps, t), t)
+        loss = obj.critic_x0_loss(x0_hat, x0, snr)
+        expected = (x0_hat - x0).pow(2).mean() if high_noise else (eps_hat - eps).pow(2).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_timestep_window_and_sampling_bounds():
     assert obj.timestep_range(1000) == (20, 980)
     assert obj.timestep_range(1000, 0.0, 1.0) == (0, 999) and obj.timestep_range(1000, 0.0, 0.5) == (0, 500)

@@ -135,9 +135,9 @@ def test_gan_timesteps_stay_in_the_configured_window(tmp_path, data_dir, tiny_sd
     seen: list[torch.Tensor] = []
     real = DMD2Roles.critic_features
 
-    def spy(self, x, t, cond):
+    def spy(self, x, t, cond, *which):
         seen.append(t.detach().cpu())
-        return real(self, x, t, cond)
+        return real(self, x, t, cond, *which)
 
     monkeypatch.setattr(DMD2Roles, "critic_features", spy)
     train(load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "run", **{"gan.max_t": max_t})))
@@ -155,9 +155,9 @@ def test_dmd_noise_draws_renoise_each_sample_that_often(tmp_path, data_dir, tiny
 
     calls: dict[str, list[torch.Tensor]] = {"teacher": [], "critic": []}
     for role in calls:
-        def spy(self, x, t, cond, _real=getattr(DMD2Roles, role), _role=role):
+        def spy(self, x, t, cond, *which, _real=getattr(DMD2Roles, role), _role=role):
             calls[_role].append(t.detach().cpu())
-            return _real(self, x, t, cond)
+            return _real(self, x, t, cond, *which)
         monkeypatch.setattr(DMD2Roles, role, spy)
     train(load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "run", **{"dmd.noise_draws": 3})))
     assert [len(t) for t in calls["teacher"]] == [2 * 3 * 2] * 3  # 3 student updates, batch 2, CFG doubles the rows
@@ -165,6 +165,73 @@ def test_dmd_noise_draws_renoise_each_sample_that_often(tmp_path, data_dir, tiny
     assert len(dmd_critic) == 3 and all(len(set(t.tolist())) > 2 for t in dmd_critic)
     with pytest.raises(ConfigError, match="dmd.noise_draws"):
         load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", **{"dmd.noise_draws": 0})).validate()
+
+
+def test_critic_per_step_trains_the_critic_of_the_step_that_made_the_samples(tmp_path, data_dir, tiny_sdxl_file, monkeypatch):
+    """With dmd.critic_per_step every critic pass of an iteration (the DMD pass, the denoising loss, the GAN features)
+    uses the critic of the student step whose samples it judges; only those critics train, all are checkpointed
+    (and resumed: the bit-exact resume test covers loading by name), and a full critic is refused."""
+    import trainer.train as train_module
+    from trainer.errors import ConfigError
+    from trainer.models.roles import DMD2Roles
+
+    drawn: list[int] = []  # the student timestep of each iteration's samples
+    critics: list[tuple[int, str]] = []  # (iteration, critic adapter) of every critic pass
+    real_input, real_critic, real_features = train_module.student_input, DMD2Roles.critic, DMD2Roles.critic_features
+
+    def spy_input(*args, **kwargs):
+        x, t = real_input(*args, **kwargs)
+        drawn.append(int(t[0]))
+        return x, t
+
+    def spy_critic(self, x, t, cond, which=0, _real=real_critic):
+        out = _real(self, x, t, cond, which)
+        critics.append((len(drawn) - 1, self._adapter_state[0]))
+        return out
+
+    monkeypatch.setattr(train_module, "student_input", spy_input)
+    monkeypatch.setattr(DMD2Roles, "critic", spy_critic)
+    monkeypatch.setattr(DMD2Roles, "critic_features", lambda self, *a, _real=real_features, **k: spy_critic(self, *a, _real=_real, **k))
+    out = tmp_path / "run"
+    train(load_config(base=_config(data_dir, tiny_sdxl_file, out, steps=8, **{"dmd.critic_per_step": True})))
+    names = ["critic", "critic_1", "critic_2", "critic_3"]
+    steps = [999, 749, 499, 249]
+    assert len(set(drawn)) > 1 and len(critics) >= 8 * 3  # denoising + GAN fake/real passes per iteration, DMD passes
+    assert all(name == names[steps.index(drawn[i])] for i, name in critics)
+    saved = load_file(out / "checkpoints" / "step-00000008" / "critic.safetensors")
+    for i, name in enumerate(names):
+        ups = [v for k, v in saved.items() if f".{name}." in k and "lora_B" in k]
+        assert ups and any(v.abs().sum() > 0 for v in ups) == (steps[i] in drawn), name  # trained iff its step was drawn
+    assert len(saved) == 4 * len([k for k in saved if ".critic." in k])
+    with pytest.raises(ConfigError, match="dmd.critic_per_step needs LoRA critics"):
+        load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", critic="full", **{"dmd.critic_per_step": True})).validate()
+
+
+def test_critic_x0_high_noise_loss_replaces_the_target_loss(tmp_path, data_dir, tiny_sdxl_file, monkeypatch):
+    """dmd.critic_loss=x0_high_noise trains the critic with objectives.critic_x0_loss on every iteration, at the
+    SNR of each sample's own timestep, and never with the eps/v loss; an unknown value is refused."""
+    from trainer import objectives
+    from trainer.errors import ConfigError
+
+    calls = {"x0": [], "target": 0}
+    real_x0, real_target = objectives.critic_x0_loss, objectives.critic_denoising_loss
+
+    def spy_x0(pred, x0, snr):
+        calls["x0"].append(snr.flatten())
+        return real_x0(pred, x0, snr)
+
+    def spy_target(*args):
+        calls["target"] += 1
+        return real_target(*args)
+
+    monkeypatch.setattr(objectives, "critic_x0_loss", spy_x0)
+    monkeypatch.setattr(objectives, "critic_denoising_loss", spy_target)
+    train(load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "run", **{"dmd.critic_loss": "x0_high_noise"})))
+    snr = torch.cat(calls["x0"])
+    assert len(calls["x0"]) == 6 and calls["target"] == 0 and len(snr) == 6 * 2
+    assert float(snr.min()) >= 0 and len(set(snr.tolist())) > 1  # one SNR per sample, from its own random timestep
+    with pytest.raises(ConfigError, match="dmd.critic_loss must be target or x0_high_noise"):
+        load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", **{"dmd.critic_loss": "v"})).validate()
 
 
 def test_lr_schedule_factors():

@@ -45,6 +45,12 @@ class DMDConfig:
     # gradients), on noise_draws x the micro-batch at once, so mind the memory on a GPU. On the toy teacher 8 draws
     # did not improve FID averaged over checkpoints (benchmarks/toy/NOTES.md, point 27)
     noise_draws: int = 1
+    # One critic LoRA per student step, each modelling only the outputs of its step, instead of one critic for the
+    # mixture of all steps' outputs (DMD2's). Costs one critic adapter (and its optimiser state) per step, not compute
+    critic_per_step: bool = False
+    # The critic's denoising loss: "target" (the teacher's own eps or v loss, DMD2's) or "x0_high_noise" (the x0 error
+    # where noise dominates, SNR < 1, the eps loss elsewhere; trainer.objectives.critic_x0_loss)
+    critic_loss: str = "target"
 
 
 @dataclass
@@ -153,6 +159,10 @@ class TrainConfig:
             raise ConfigError(f"optim.lr_schedule must be constant or cosine, got {self.optim.lr_schedule!r}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size must be a positive number, got {self.micro_batch_size}")
+        if self.dmd.critic_loss not in ("target", "x0_high_noise"):
+            raise ConfigError(f"dmd.critic_loss must be target or x0_high_noise, got {self.dmd.critic_loss!r}")
+        if self.dmd.critic_per_step and self.critic != "lora":
+            raise ConfigError("dmd.critic_per_step needs LoRA critics: set critic: lora or dmd.critic_per_step: false")
         if self.dmd.noise_draws < 1:
             raise ConfigError(f"dmd.noise_draws must be a positive number, got {self.dmd.noise_draws}")
         if self.resolution % 8:

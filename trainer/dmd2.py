@@ -30,6 +30,7 @@ class DMD2Settings:
     use_gan: bool = True
     gan_t_max: int = 999  # the GAN re-noises real and fake at t ~ U[0, gan_t_max]
     dmd_noise_draws: int = 1  # (t, noise) re-noisings per student sample whose DMD gradients are averaged
+    critic_loss: str = "target"  # "target": the teacher's own eps/v loss (DMD2); "x0_high_noise": objectives.critic_x0_loss
 
 
 @dataclass
@@ -85,8 +86,9 @@ def student_input(roles: DMD2Roles, schedule: NoiseSchedule, cond: Conditioning,
 
 
 def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedule, x0: Tensor, cond: Conditioning,
-                   uncond: Conditioning, settings: DMD2Settings, rng: StepRandomness, losses: Losses) -> Tensor:
-    """DMD loss (+ GAN generator loss) for the student's sample ``x0`` (which carries the student's graph).
+                   uncond: Conditioning, settings: DMD2Settings, rng: StepRandomness, losses: Losses, step_index: int = 0) -> Tensor:
+    """DMD loss (+ GAN generator loss) for the student's sample ``x0`` (which carries the student's graph), made by
+    the student's step ``step_index`` (which picks the critic when there is one per step).
 
     With ``dmd_noise_draws`` > 1 each sample is re-noised that many times, all in one no-gradient pass of the teacher
     and of the critic, and the DMD gradients are averaged: a lower-variance update without more student samples.
@@ -104,39 +106,46 @@ def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedu
             both = roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond_rows] + [uncond] * draws))
             out_real = cfg(both[rows:], both[:rows], settings.guidance_scale)
         p_real = output_to_x0(schedule, out_real, x_t, t).double()
-        p_fake = output_to_x0(schedule, roles.critic(x_t, t, cond_rows), x_t, t).double()
+        p_fake = output_to_x0(schedule, roles.critic(x_t, t, cond_rows, step_index), x_t, t).double()
     loss = losses.add("student/dmd", obj.dmd_loss(x0, p_real, p_fake))
     if settings.use_gan and head is not None:
         t_gan = rng.timesteps(batch, 0, settings.gan_t_max, x0.device)
         noisy = add_noise(schedule, x0, rng.randn(x0.shape, x0), t_gan)
-        logits = head(roles.critic_features(noisy, t_gan, cond))
+        logits = head(roles.critic_features(noisy, t_gan, cond, step_index))
         loss = loss + settings.gan_student_weight * losses.add("student/gan", obj.gan_student_loss(logits))
     return loss
 
 
 def critic_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedule, fake_x0: Tensor, cond: Conditioning,
                   settings: DMD2Settings, rng: StepRandomness, losses: Losses,
-                  real_x0: Tensor | None = None, real_cond: Conditioning | None = None) -> Tensor:
+                  real_x0: Tensor | None = None, real_cond: Conditioning | None = None, step_index: int = 0) -> Tensor:
     """Denoising loss of the fake score on the detached student samples (full timestep range), plus the GAN critic
-    loss with real and fake each re-noised at their own random timestep."""
+    loss with real and fake each re-noised at their own random timestep. ``step_index``: the student step that made
+    the samples (its critic trains, when there is one per step)."""
     fake_x0 = fake_x0.detach()
     batch, T = fake_x0.shape[0], schedule.num_train_timesteps
     t = rng.timesteps(batch, 0, T - 1, fake_x0.device)
     eps = rng.randn(fake_x0.shape, fake_x0)
     x_t = add_noise(schedule, fake_x0, eps, t)
-    prediction = roles.critic(x_t, t, cond)
-    loss = losses.add("critic/denoise", obj.critic_denoising_loss(prediction, training_target(schedule, fake_x0, eps, t)))
+    prediction = roles.critic(x_t, t, cond, step_index)
+    if settings.critic_loss == "x0_high_noise":
+        s, n = schedule.coefficients(t, fake_x0)
+        denoise = obj.critic_x0_loss(output_to_x0(schedule, prediction, x_t, t), fake_x0, (s / n).pow(2))
+    else:
+        denoise = obj.critic_denoising_loss(prediction, training_target(schedule, fake_x0, eps, t))
+    loss = losses.add("critic/denoise", denoise)
     if settings.use_gan and head is not None and real_x0 is not None:
         t_fake = rng.timesteps(batch, 0, settings.gan_t_max, fake_x0.device)
         fake_noisy = add_noise(schedule, fake_x0, rng.randn(fake_x0.shape, fake_x0), t_fake)
         t_real = rng.timesteps(real_x0.shape[0], 0, settings.gan_t_max, fake_x0.device)
         real_noisy = add_noise(schedule, real_x0, rng.randn(real_x0.shape, real_x0), t_real)
         if real_noisy.shape[1:] == fake_noisy.shape[1:]:  # one forward for both halves (same bucket)
-            both = roles.critic_features(torch.cat([fake_noisy, real_noisy]), torch.cat([t_fake, t_real]), Conditioning.cat([cond, real_cond]))
+            both = roles.critic_features(torch.cat([fake_noisy, real_noisy]), torch.cat([t_fake, t_real]), Conditioning.cat([cond, real_cond]),
+                                         step_index)
             fake_logits, real_logits = head(both).split([batch, real_x0.shape[0]])
         else:
-            fake_logits = head(roles.critic_features(fake_noisy, t_fake, cond))
-            real_logits = head(roles.critic_features(real_noisy, t_real, real_cond))
+            fake_logits = head(roles.critic_features(fake_noisy, t_fake, cond, step_index))
+            real_logits = head(roles.critic_features(real_noisy, t_real, real_cond, step_index))
         gan = losses.add("critic/gan", obj.gan_critic_loss(fake_logits, real_logits))
         loss = loss + settings.gan_critic_weight * gan
         losses.add("critic/real_logit", real_logits.mean())

@@ -35,6 +35,14 @@ def critic_denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(prediction.float(), target.float())
 
 
+def critic_x0_loss(x0_prediction: Tensor, x0: Tensor, snr: Tensor) -> Tensor:
+    """The fake score's diffusion loss weighted so that it is the eps loss where the signal dominates (SNR >= 1) and
+    the x0 loss where the noise does: ``max(SNR, 1) * |x0_hat - x0|^2``. The eps loss weighs an x0 error by SNR, which
+    at t = 900 is about 0.02, so it hardly constrains the high-noise x0 predictions that the DMD gradient uses.
+    ``snr`` broadcasts against the samples ([B, 1, 1, 1])."""
+    return (snr.clamp(min=1.0) * (x0_prediction.double() - x0.double()).pow(2)).mean().float()
+
+
 def gan_student_loss(fake_logits: Tensor) -> Tensor:
     """Non-saturating generator loss: ``softplus(-D(G(z)))``."""
     return F.softplus(-fake_logits.float()).mean()

@@ -122,8 +122,9 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
     device = torch.device(device)
     torch.manual_seed(cfg.seed)  # adapter and head initialisation: identical on every rank and in every rerun
     roles = DMD2Roles(gen.place(unet, device, weight_dtype), rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic,
-                      critic_rank=cfg.lora.critic_rank, critic_alpha=cfg.lora.critic_alpha)
-    for p in roles.adapter_parameters(STUDENT) + (roles.adapter_parameters(CRITIC) if roles.full_critic is None else []):
+                      critic_rank=cfg.lora.critic_rank, critic_alpha=cfg.lora.critic_alpha,
+                      critics=len(cfg.student.timesteps) if cfg.dmd.critic_per_step else 1)
+    for p in roles.adapter_parameters(STUDENT) + (roles.critic_parameters() if roles.full_critic is None else []):
         p.data = p.data.float()  # peft creates adapters in the base's dtype: trainable weights stay fp32 (master weights)
     if roles.full_critic is not None:
         roles.full_critic.to(device)
@@ -136,7 +137,8 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
     settings = DMD2Settings(tuple(cfg.student.timesteps), cfg.student.backward_simulation, cfg.dmd.guidance_scale,
                             timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
                             cfg.gan.student_weight, cfg.gan.critic_weight, use_gan,
-                            timestep_range(schedule.num_train_timesteps, 0.0, cfg.gan.max_t)[1], cfg.dmd.noise_draws)
+                            timestep_range(schedule.num_train_timesteps, 0.0, cfg.gan.max_t)[1], cfg.dmd.noise_draws,
+                            cfg.dmd.critic_loss)
     adamw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay, kind=plan.optimizer, device=device, quiet=quiet)
     student_params = roles.student_parameters()
     critic_groups = [{"params": roles.critic_parameters(), "lr": cfg.dmd.critic_lr}]
@@ -181,13 +183,15 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
             cond_c = cond.index(c) if split else cond
             real_part = real_x0[c] if split and real_x0 is not None else real_x0
             x_in, t = student_input(roles, s.schedule, cond_c, s.latent_shape, s.settings, rng, device, dtype, real_part)
+            step_index = s.settings.student_timesteps.index(int(t[0]))  # which student step made this chunk's samples
             with torch.set_grad_enabled(update_student):
                 x0 = output_to_x0(s.schedule, roles.student(x_in, t, cond_c), x_in, t)
             if update_student:
-                loss = student_losses(roles, s.head, s.schedule, x0, cond_c, uncond.index(c) if split else uncond, s.settings, rng, part)
+                loss = student_losses(roles, s.head, s.schedule, x0, cond_c, uncond.index(c) if split else uncond, s.settings, rng, part,
+                                      step_index)
                 _finite_or_stop(part, step)
                 (loss * share if split else loss).backward(inputs=s.student_params)  # no gradients for the critic here
-            fakes.append(x0.detach())
+            fakes.append((x0.detach(), step_index))
             parts.append((part, share))
         if update_student:
             norm = sync_and_clip(s.student_params, s.world, s.grad_clip)
@@ -198,11 +202,15 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
         s.critic_opt.zero_grad(set_to_none=True)
         for k, c in enumerate(chunks):
             part, share = parts[k]
-            loss = critic_losses(roles, s.head, s.schedule, fakes[k], cond.index(c) if split else cond, s.settings, rng, part,
-                                 real_x0[c] if split and real_x0 is not None else real_x0, real_c.index(c) if split and real_c is not None else real_c)
+            fake, step_index = fakes[k]
+            loss = critic_losses(roles, s.head, s.schedule, fake, cond.index(c) if split else cond, s.settings, rng, part,
+                                 real_x0[c] if split and real_x0 is not None else real_x0, real_c.index(c) if split and real_c is not None else real_c,
+                                 step_index)
             _finite_or_stop(part, step)
             (loss * share if split else loss).backward(inputs=s.critic_params)
-        norm = sync_and_clip(s.critic_params, s.world, s.grad_clip)
+        # Only the critics that judged this iteration's samples have gradients (one per student step: the others did
+        # not run); every rank drew the same steps, so all reduce the same list
+        norm = sync_and_clip([p for p in s.critic_params if p.grad is not None], s.world, s.grad_clip)
         s.critic_opt.step()
         s.critic_sched.step()
         s.critic_opt.zero_grad(set_to_none=True)
@@ -267,7 +275,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
 
     def weights() -> dict:
         w = {STUDENT: {n: p for n, p in roles.unet.named_parameters() if f".{STUDENT}." in n}}
-        w[CRITIC] = roles.full_critic.state_dict() if roles.full_critic is not None else {n: p for n, p in roles.unet.named_parameters() if f".{CRITIC}." in n}
+        w[CRITIC] = roles.critic_state()
         if head is not None:
             w["gan_head"] = head.state_dict()
         return w

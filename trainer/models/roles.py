@@ -82,25 +82,29 @@ class DMD2Roles(nn.Module):
     """Holds the UNet (with adapters), the optional full critic copy and the GAN head; switches between roles."""
 
     def __init__(self, unet, *, rank: int, alpha: float, critic: str = "lora", critic_rank: int | None = None,
-                 critic_alpha: float | None = None, targets=LORA_TARGETS):
+                 critic_alpha: float | None = None, critics: int = 1, targets=LORA_TARGETS):
         super().__init__()
         unet.requires_grad_(False)
         self.full_critic = None
         if critic == "full":
+            if critics != 1:
+                raise ValueError("one critic per student step needs LoRA critics (critic: lora)")
             self.full_critic = copy.deepcopy(unet).float().requires_grad_(True)
         elif critic != "lora":
             raise ValueError(f"critic must be 'lora' or 'full', got {critic!r}")
+        # Critic i models the outputs of the student's step i (``critics`` > 1), or one critic models them all.
+        self.critic_names = [] if self.full_critic is not None else [CRITIC] + [f"{CRITIC}_{i}" for i in range(1, critics)]
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=STUDENT)
-            if self.full_critic is None:
-                unet.add_adapter(lora_config(critic_rank or rank, critic_alpha or alpha, targets), adapter_name=CRITIC)
+            for name in self.critic_names:
+                unet.add_adapter(lora_config(critic_rank or rank, critic_alpha or alpha, targets), adapter_name=name)
         self.unet = unet
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         self._student_params = self.adapter_parameters(STUDENT)
-        self._critic_params = self.adapter_parameters(CRITIC) if self.full_critic is None else []
+        self._critic_params = [p for name in self.critic_names for p in self.adapter_parameters(name)]
         for p in self._student_params + self._critic_params:
             p.requires_grad_(True)
         self._adapter_state = None
@@ -115,6 +119,12 @@ class DMD2Roles(nn.Module):
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return list(self.full_critic.parameters()) if self.full_critic is not None else list(self._critic_params)
+
+    def critic_state(self) -> dict[str, Tensor]:
+        """The critic's trained weights by name: the full copy's state dict, or every critic adapter's LoRA tensors."""
+        if self.full_critic is not None:
+            return self.full_critic.state_dict()
+        return {n: p for n, p in self.unet.named_parameters() if any(f".{name}." in n for name in self.critic_names)}
 
     def _set_adapter_state(self, active: str, disabled: bool) -> None:
         """Switch every LoRA layer to ``active`` (or off). Done on the layers directly rather than with diffusers'
@@ -135,16 +145,17 @@ class DMD2Roles(nn.Module):
         self._activate(STUDENT)
         return unet_forward(self.unet, x, t, cond)
 
-    def critic(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def critic(self, x: Tensor, t: Tensor, cond: Conditioning, which: int = 0) -> Tensor:
+        """The fake score of the samples made by student step ``which`` (one critic for all steps unless one per step)."""
         if self.full_critic is not None:
             return unet_forward(self.full_critic, x, t, cond)
-        self._activate(CRITIC)
+        self._activate(self.critic_names[which if len(self.critic_names) > 1 else 0])
         return unet_forward(self.unet, x, t, cond)
 
-    def critic_features(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def critic_features(self, x: Tensor, t: Tensor, cond: Conditioning, which: int = 0) -> Tensor:
         if self.full_critic is not None:
             return unet_mid_features(self.full_critic, x, t, cond)
-        self._activate(CRITIC)
+        self._activate(self.critic_names[which if len(self.critic_names) > 1 else 0])
         return unet_mid_features(self.unet, x, t, cond)
 
     @torch.no_grad()
