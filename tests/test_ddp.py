@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -27,7 +28,7 @@ def _digests(folder: Path, step: int) -> list[dict]:
     return [json.loads((folder / f"rank-{r}-step-{step}.json").read_text()) for r in (0, 1)]
 
 
-def test_two_processes_keep_identical_adapters_and_resume(tmp_path, tiny_sdxl_file):
+def _config(tmp_path: Path, tiny_sdxl_file: Path, **extra) -> Path:
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "prompts.txt").write_text("a red square\na blue circle\na green triangle\n")
@@ -37,9 +38,13 @@ def test_two_processes_keep_identical_adapters_and_resume(tmp_path, tiny_sdxl_fi
     cfg = {"model": str(tiny_sdxl_file), "prompts": str(data / "prompts.txt"), "images": str(data / "images"),
            "output_dir": str(tmp_path / "run"), "steps": 4, "resolution": 32, "batch_size": 1, "seed": 5,
            "lora": {"rank": 4, "alpha": 2}, "checkpoint_every": 2, "validate_every": 4, "keep_checkpoints": 3,
-           "optim": {"warmup_steps": 2}, "student": {"update_every": 2}, "validation": {"teacher_steps": 2, "seeds": [0]}}
+           "optim": {"warmup_steps": 2}, "student": {"update_every": 2}, "validation": {"teacher_steps": 2, "seeds": [0]}, **extra}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "run.yaml"
 
+
+def test_two_processes_keep_identical_adapters_and_resume(tmp_path, tiny_sdxl_file):
+    _config(tmp_path, tiny_sdxl_file)
     result = _run(["train", "--config", tmp_path / "run.yaml", "--num-processes", "2"], tmp_path / "d1", tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     straight = _digests(tmp_path / "d1", 4)
@@ -57,3 +62,22 @@ def test_two_processes_keep_identical_adapters_and_resume(tmp_path, tiny_sdxl_fi
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
     resumed = _digests(tmp_path / "d2", 4)
     assert resumed[0] == resumed[1] == straight[0]
+
+
+def test_two_processes_with_one_critic_per_student_step(tmp_path, tiny_sdxl_file):
+    """With a critic per student step, both ranks train the critic of the step they drew (the same one) and leave
+    the other critics exactly as they were: an all-reduced zero gradient would still move them (AdamW's weight decay
+    and momentum). So from one checkpoint to the next exactly one critic adapter changes."""
+    from safetensors.torch import load_file
+
+    config = _config(tmp_path, tiny_sdxl_file, steps=4, checkpoint_every=1, keep_checkpoints=10, validate_every=0,
+                     dmd={"critic_per_step": True, "critic_loss": "x0_high_noise"})
+    result = _run(["train", "--config", config, "--num-processes", "2"], tmp_path / "d1", tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    digests = _digests(tmp_path / "d1", 4)
+    assert digests[0] == digests[1], "ranks diverged"
+    names = ("critic", "critic_1", "critic_2", "critic_3")
+    saved = [load_file(tmp_path / "run" / "checkpoints" / f"step-{s:08d}" / "critic.safetensors") for s in (1, 2, 3, 4)]
+    for before, after in zip(saved, saved[1:]):
+        changed = [name for name in names if any(not torch.equal(before[k], after[k]) for k in before if f".{name}." in k)]
+        assert len(changed) == 1, changed
