@@ -55,20 +55,20 @@ def load_weights(roles: DMD2Roles, checkpoint: Path) -> None:
 
 
 @torch.no_grad()
-def critic_fit(model, roles: DMD2Roles, timesteps, n_per_digit: int, seed: int = 0) -> dict[str, list[float]]:
+def critic_fit(model, roles: DMD2Roles, timesteps, n_per_digit: int, resolution: int = 32, seed: int = 0) -> dict[str, dict[str, list[float]]]:
     """{"k{k}t{t}": {"mse": [critic, teacher], "spread": [critic, teacher, samples]}} on the x0 the student predicts
     at each of its steps k: the mean squared error of each prediction of x0, and how much the predictions (and the
     samples themselves) vary within one digit. A denoiser's predictions vary less than the samples do: the
     noise has erased some of what tells them apart."""
     digits = [d for d in range(10) for _ in range(n_per_digit)]
-    cond = digit_conditioning(model, digits)
+    cond = digit_conditioning(model, digits, resolution)
     digit = torch.tensor(digits)
 
     def spread(x: torch.Tensor) -> float:  # mean squared deviation from the sample's digit mean
         means = torch.stack([x[digit == d].mean(0) for d in range(10)])[digit]
         return round(float((x - means).pow(2).mean()), 5)
 
-    shape = gen.latent_shape(model.unet, model.vae, 32)
+    shape = gen.latent_shape(model.unet, model.vae, resolution)
     sigmas = sampling.sigmas_for_timesteps(model.schedule.sigmas, timesteps)
     denoise = gen.make_denoiser(lambda x, t, c: roles.student(x, t, c), model.schedule, cond)
     renoise = torch.Generator().manual_seed(seed + 1)
@@ -80,7 +80,7 @@ def critic_fit(model, roles: DMD2Roles, timesteps, n_per_digit: int, seed: int =
         for t_value in RENOISE_T:
             t = torch.full((len(x0),), t_value, dtype=torch.long)
             x_t = add_noise(model.schedule, x0, torch.randn(x0.shape, generator=renoise), t)
-            preds = [output_to_x0(model.schedule, out, x_t, t) for out in (roles.critic(x_t, t, cond, k), roles.teacher(x_t, t, cond))]
+            preds = [output_to_x0(model.schedule, output, x_t, t) for output in (roles.critic(x_t, t, cond, k), roles.teacher(x_t, t, cond))]
             out[f"k{k}t{t_value}"] = {"mse": [round(float((p - x0).pow(2).mean()), 5) for p in preds],
                                       "spread": [spread(p) for p in preds] + [spread(x0)]}
     return out
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         results = {}
         for step in wanted:
             load_weights(roles, found[step])
-            fit = results[step] = critic_fit(model, roles, cfg.student.timesteps, args.n)
+            fit = results[step] = critic_fit(model, roles, cfg.student.timesteps, args.n, cfg.resolution)
             for key, what in (("mse", "x0 MSE, critic / teacher"), ("spread", "spread within a digit, critic / teacher / samples")):
                 print(f"step {step}: {what}, at t = {', '.join(map(str, RENOISE_T))}")
                 for k in range(len(cfg.student.timesteps)):
