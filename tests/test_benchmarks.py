@@ -170,12 +170,13 @@ def test_critic_fit_uses_the_critic_of_each_student_step(tmp_path):
     from safetensors.torch import load_file
     from score_checkpoints import train_run
 
+    from trainer.models.roles import critic_adapter_names
     from trainer.toy.teacher import teacher_path
 
     run = tmp_path / "run"
     train_run(run, str(teacher_path()), ["steps=2", "checkpoint_every=2", "batch_size=2", "micro_batch_size=2", "dmd.critic_per_step=true"])
     critic = load_file(run / "checkpoints" / "step-00000002" / "critic.safetensors")
-    names = ["critic", "critic_1", "critic_2", "critic_3"]
+    names = critic_adapter_names(4)
     trained = [any(v.abs().sum() > 0 for key, v in critic.items() if f".{name}." in key and "lora_B" in key) for name in names]
     assert 1 <= sum(trained) <= 2  # two iterations draw at most two of the four steps
     env = dict(os.environ, OMP_NUM_THREADS="1")

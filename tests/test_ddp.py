@@ -70,13 +70,15 @@ def test_two_processes_with_one_critic_per_student_step(tmp_path, tiny_sdxl_file
     and momentum). So from one checkpoint to the next exactly one critic adapter changes."""
     from safetensors.torch import load_file
 
+    from trainer.models.roles import critic_adapter_names
+
     config = _config(tmp_path, tiny_sdxl_file, steps=4, checkpoint_every=1, keep_checkpoints=10, validate_every=0,
                      dmd={"critic_per_step": True, "critic_loss": "x0_high_noise"})
     result = _run(["train", "--config", config, "--num-processes", "2"], tmp_path / "d1", tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     digests = _digests(tmp_path / "d1", 4)
     assert digests[0] == digests[1], "ranks diverged"
-    names = ("critic", "critic_1", "critic_2", "critic_3")
+    names = critic_adapter_names(4)
     saved = [load_file(tmp_path / "run" / "checkpoints" / f"step-{s:08d}" / "critic.safetensors") for s in (1, 2, 3, 4)]
     for before, after in zip(saved, saved[1:]):
         changed = [name for name in names if any(not torch.equal(before[k], after[k]) for k in before if f".{name}." in k)]

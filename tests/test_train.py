@@ -173,7 +173,7 @@ def test_critic_per_step_trains_the_critic_of_the_step_that_made_the_samples(tmp
     (and resumed: the bit-exact resume test covers loading by name), and a full critic is refused."""
     import trainer.train as train_module
     from trainer.errors import ConfigError
-    from trainer.models.roles import DMD2Roles
+    from trainer.models.roles import DMD2Roles, critic_adapter_names
 
     drawn: list[int] = []  # the student timestep of each iteration's samples
     critics: list[tuple[int, str]] = []  # (iteration, critic adapter) of every critic pass
@@ -194,7 +194,8 @@ def test_critic_per_step_trains_the_critic_of_the_step_that_made_the_samples(tmp
     monkeypatch.setattr(DMD2Roles, "critic_features", lambda self, *a, _real=real_features, **k: spy_critic(self, *a, _real=_real, **k))
     out = tmp_path / "run"
     train(load_config(base=_config(data_dir, tiny_sdxl_file, out, steps=8, **{"dmd.critic_per_step": True})))
-    names = ["critic", "critic_1", "critic_2", "critic_3"]
+    names = critic_adapter_names(4)
+    assert names == ["critic", "critic_1", "critic_2", "critic_3"]  # the checkpoint's key format: saved runs resume by it
     steps = [999, 749, 499, 249]
     assert len(set(drawn)) > 1 and len(critics) >= 8 * 3  # denoising + GAN fake/real passes per iteration, DMD passes
     assert all(name == names[steps.index(drawn[i])] for i, name in critics)

@@ -114,6 +114,12 @@ class TrainingSetup:
     autocast: Callable = contextlib.nullcontext
 
 
+def make_roles(cfg: TrainConfig, unet) -> DMD2Roles:
+    """The config's student and critic adapters (or full critic) on ``unet``; adapters start at zero (the teacher)."""
+    return DMD2Roles(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic, critic_rank=cfg.lora.critic_rank,
+                     critic_alpha=cfg.lora.critic_alpha, critics=len(cfg.student.timesteps) if cfg.dmd.critic_per_step else 1)
+
+
 def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioning, real: RealData | None, latent_shape,
                    device, weight_dtype, plan: MemoryPlan, rank: int = 0, world: int = 1, autocast: Callable | None = None,
                    quiet: bool = False) -> TrainingSetup:
@@ -121,9 +127,7 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
     optimisers and LR schedules, with the memory plan applied. Initialisation is seeded: identical on every rank."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)  # adapter and head initialisation: identical on every rank and in every rerun
-    roles = DMD2Roles(gen.place(unet, device, weight_dtype), rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic,
-                      critic_rank=cfg.lora.critic_rank, critic_alpha=cfg.lora.critic_alpha,
-                      critics=len(cfg.student.timesteps) if cfg.dmd.critic_per_step else 1)
+    roles = make_roles(cfg, gen.place(unet, device, weight_dtype))
     for p in roles.adapter_parameters(STUDENT) + (roles.critic_parameters() if roles.full_critic is None else []):
         p.data = p.data.float()  # peft creates adapters in the base's dtype: trainable weights stay fp32 (master weights)
     if roles.full_critic is not None:

@@ -31,6 +31,7 @@ from trainer.errors import DMD2Error  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.models.roles import DMD2Roles  # noqa: E402
 from trainer.schedule import add_noise, output_to_x0  # noqa: E402
+from trainer.train import make_roles  # noqa: E402
 from trainer.toy.rows import digit_conditioning  # noqa: E402
 from score_checkpoints import checkpoints  # noqa: E402
 
@@ -42,10 +43,7 @@ def roles_for_run(run_dir: Path):
     cfg = load_config(run_dir / "config.yaml").validate()
     model = load_sdxl(cfg.model, prediction_type=cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr)
     model.unet.eval()
-    critics = len(cfg.student.timesteps) if cfg.dmd.critic_per_step else 1
-    roles = DMD2Roles(model.unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, critic=cfg.critic, critic_rank=cfg.lora.critic_rank,
-                      critic_alpha=cfg.lora.critic_alpha, critics=critics)
-    return model, roles, cfg
+    return model, make_roles(cfg, model.unet), cfg
 
 
 def load_weights(roles: DMD2Roles, checkpoint: Path) -> None:

@@ -23,6 +23,11 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
+def critic_adapter_names(count: int) -> list[str]:
+    """The critic LoRA adapters' names: "critic" alone, or one per student step ("critic", "critic_1", ...)."""
+    return [CRITIC] + [f"{CRITIC}_{i}" for i in range(1, count)]
+
+
 @dataclass
 class Conditioning:
     """SDXL conditioning for a batch: prompt embeds [B,77,D], pooled embeds [B,P], micro-conditioning time ids [B,6]."""
@@ -93,7 +98,7 @@ class DMD2Roles(nn.Module):
         elif critic != "lora":
             raise ValueError(f"critic must be 'lora' or 'full', got {critic!r}")
         # Critic i models the outputs of the student's step i (``critics`` > 1), or one critic models them all.
-        self.critic_names = [] if self.full_critic is not None else [CRITIC] + [f"{CRITIC}_{i}" for i in range(1, critics)]
+        self.critic_names = [] if self.full_critic is not None else critic_adapter_names(critics)
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=STUDENT)
