@@ -142,6 +142,10 @@ class DMD2Roles(nn.Module):
             layer._disable_adapters = disabled
         self._adapter_state = (active, disabled)
 
+    def _critic_name(self, which: int) -> str:
+        """The adapter that judges student step ``which``'s samples: its own critic, or the only one."""
+        return self.critic_names[which if len(self.critic_names) > 1 else 0]
+
     def _activate(self, name: str):
         self._set_adapter_state(name, False)
 
@@ -154,13 +158,13 @@ class DMD2Roles(nn.Module):
         """The fake score of the samples made by student step ``which`` (one critic for all steps unless one per step)."""
         if self.full_critic is not None:
             return unet_forward(self.full_critic, x, t, cond)
-        self._activate(self.critic_names[which if len(self.critic_names) > 1 else 0])
+        self._activate(self._critic_name(which))
         return unet_forward(self.unet, x, t, cond)
 
     def critic_features(self, x: Tensor, t: Tensor, cond: Conditioning, which: int = 0) -> Tensor:
         if self.full_critic is not None:
             return unet_mid_features(self.full_critic, x, t, cond)
-        self._activate(self.critic_names[which if len(self.critic_names) > 1 else 0])
+        self._activate(self._critic_name(which))
         return unet_mid_features(self.unet, x, t, cond)
 
     @torch.no_grad()
