@@ -191,3 +191,47 @@ def test_critic_fit_uses_the_critic_of_each_student_step(tmp_path):
         assert len({r["spread"][2] for r in rows}) == 1  # the samples are the same at every re-noising
     bad = subprocess.run([*cmd, "--steps", "3"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode != 0 and "no complete checkpoint at step(s) [3]" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_gan_probe_fresh_head_learns_what_separates_the_sets():
+    """The probe's fresh head, trained as the trainer trains its head, separates features that differ and stays
+    near chance on features that do not; balanced accuracy by hand."""
+    sys.path[:0] = [str(REPO / "benchmarks" / "toy")]
+    from gan_probe import balanced_accuracy, train_head
+
+    from trainer.models.gan_head import GANHead
+
+    assert balanced_accuracy(torch.tensor([-1.0, 2.0]), torch.tensor([1.0, 1.0, -3.0, 0.5])) == (0.5 + 0.75) / 2
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(4000, 64, 4, 4, generator=g)  # fewer rows than dimensions would be memorised
+    direction = torch.randn(64, 4, 4, generator=g)
+    direction /= direction.norm()
+    for shift, expect in ((4.0, lambda a: a > 0.9), (0.0, lambda a: abs(a - 0.5) < 0.1)):  # 4 sd apart along one direction
+        feats = lambda rows, t: pool[rows] + shift * (rows >= 2000).float()[:, None, None, None] * direction  # noqa: E731
+        torch.manual_seed(0)
+        head = train_head(GANHead(64, 4), feats, torch.arange(0, 1500), torch.arange(2000, 3500), steps=300, batch=16, t_max=999, lr=2e-3)
+        with torch.no_grad():
+            acc = balanced_accuracy(head(feats(torch.arange(1500, 2000), None)), head(feats(torch.arange(3500, 4000), None)))
+        assert expect(acc), (shift, acc)
+
+
+def test_gan_probe_on_a_run(tmp_path):
+    """`gan_probe.py` end to end on a two-iteration run: both heads' accuracies per noise band; a run without the GAN
+    gets a one-line error."""
+    sys.path[:0] = [str(REPO / "benchmarks" / "toy")]
+    from score_checkpoints import train_run
+
+    from trainer.toy.teacher import teacher_path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    small = ["steps=2", "checkpoint_every=2", "batch_size=2", "micro_batch_size=2"]
+    train_run(tmp_path / "run", str(teacher_path()), small)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "gan_probe.py"), "--steps", "2", "--n", "40", "--fresh-steps", "3"]
+    out = subprocess.run([*cmd, str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    bands = json.loads(out.stdout.strip().splitlines()[-1])["2"]
+    assert list(bands) == ["t0-50", "t50-200", "t200-400", "t400-700", "t700-1000"]
+    assert all(0 <= a <= 1 for pair in bands.values() for a in pair) and len({tuple(p) for p in bands.values()}) > 1
+    train_run(tmp_path / "nogan", str(teacher_path()), [*small, "gan.real_data=none"])
+    bad = subprocess.run([*cmd, str(tmp_path / "nogan")], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert bad.returncode != 0 and "trained without the GAN" in bad.stderr.strip().splitlines()[-1]
