@@ -235,3 +235,50 @@ def test_gan_probe_on_a_run(tmp_path):
     train_run(tmp_path / "nogan", str(teacher_path()), [*small, "gan.real_data=none"])
     bad = subprocess.run([*cmd, str(tmp_path / "nogan")], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert bad.returncode != 0 and "trained without the GAN" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_real_baseline_subsets_keep_the_datas_digit_shares():
+    sys.path[:0] = [str(REPO / "benchmarks" / "toy")]
+    import numpy as np
+    from real_baseline import digit_counts, stratified_subset
+
+    from trainer.toy.digits import load_digits_32, split_indices
+
+    _, labels = load_digits_32()
+    held = labels[split_indices()[1]]
+    assert digit_counts(359, held) == np.bincount(held.numpy()).tolist()  # the held-out split's own counts
+    counts = digit_counts(1000, held)
+    assert sum(counts) == 1000 and max(counts) - min(counts) <= 6  # the data is nearly balanced (174-183 per digit)
+    pool = torch.tensor([i % 10 for i in range(200)])
+    rows = stratified_subset(pool, [3] * 10, np.random.default_rng(0))
+    assert len(set(rows.tolist())) == 30 and np.bincount(pool[rows].numpy()).tolist() == [3] * 10
+
+
+def test_real_baseline_end_to_end(tmp_path):
+    """`real_baseline.py` with a student LoRA: every row at each count, the held-out digits scored as they are; a
+    missing LoRA is one line."""
+    sys.path[:0] = [str(REPO / "benchmarks" / "toy")]
+    from score_checkpoints import train_run
+
+    from trainer.toy.digits import load_digits_32, split_indices
+    from trainer.toy.evaluate import ToyEvaluator
+    from trainer.toy.teacher import teacher_path
+
+    train_run(tmp_path / "run", str(teacher_path()), ["steps=2", "checkpoint_every=2", "batch_size=2", "micro_batch_size=2"])
+    lora = next((tmp_path / "run").glob("*lora.safetensors"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "real_baseline.py"), "--samples", "30", "--teacher-steps", "2",
+           "--n", "20,40", "--repeats", "2"]
+    out = subprocess.run([*cmd, "--lora", str(lora)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(rows) == ["held-out real digits (all 359)", "real digits, classifier's training split",
+                          "teacher 2 steps, CFG 1.5", "student 4-step"]
+    real, labels = load_digits_32()
+    held = split_indices()[1]
+    assert rows["held-out real digits (all 359)"]["359"]["mean"] == round(ToyEvaluator.load().score(real[held], labels[held])["toy_fid"], 3)
+    for name in list(rows)[1:]:
+        assert set(rows[name]) == {"20", "40"} and all(r["repeats"] == 2 and r["min"] <= r["mean"] <= r["max"] for r in rows[name].values())
+    assert rows["student 4-step"] != rows["teacher 2 steps, CFG 1.5"]
+    bad = subprocess.run([*cmd, "--lora", str(tmp_path / "missing.safetensors")], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode != 0 and "no LoRA file at" in bad.stderr.strip().splitlines()[-1]
