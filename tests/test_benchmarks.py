@@ -271,7 +271,9 @@ def test_real_baseline_end_to_end(tmp_path):
            "--n", "20,40", "--repeats", "2"]
     out = subprocess.run([*cmd, "--lora", str(lora)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    by_classifier = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(by_classifier) == ["committed", "seed1", "seed2"] and by_classifier["seed1"] != by_classifier["committed"]
+    rows = by_classifier["committed"]
     assert list(rows) == ["held-out real digits (all 359)", "real digits, classifier's training split",
                           "teacher 2 steps, CFG 1.5", "student 4-step"]
     real, labels = load_digits_32()

@@ -7,7 +7,9 @@ fewer samples), so a row of 1,000 images and the 359 held-out digits can only be
 Every subset has the real data's share of each digit (the held-out split's counts at n = 359), drawn ``--repeats``
 times without replacement from: the classifier's training split of the real digits, the teacher's ``--samples``
 images (50 Euler steps at its best CFG, 1.5, digits 0-9 cycled, sampling seeds 0 and 1) and the student's (its own
-sampler, the same seeds). Printed: mean, sd, min and max per row and count; the last line is all of it as JSON.
+sampler, the same seeds). Every subset is scored by the committed classifier and by the two second opinions
+(`second_opinion/`). Printed: mean, sd, min and max per classifier, row and count; the last line is all of it as
+JSON.
 """
 from __future__ import annotations
 
@@ -22,15 +24,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import merge_into_unet  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.digits import NUM_DIGITS, load_digits_32, split_indices  # noqa: E402
-from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
+from make_table import load_evaluators  # noqa: E402
 
 
 def digit_counts(n: int, labels: torch.Tensor) -> list[int]:
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
             raise DMD2Error(f"no LoRA file at {args.lora}: pass a .safetensors written by `dmd2 train` or `dmd2 demo`")
         if max(sizes) > 2 * args.samples or min(sizes) < 2:
             raise DMD2Error(f"--n must be between 2 and twice --samples ({2 * args.samples}), got {args.n}")
-        evaluator = ToyEvaluator.load()
+        evaluators = load_evaluators()
         real, labels = load_digits_32()
         train_idx, held_idx = split_indices()
         model = load_sdxl(str(teacher_path()))
@@ -86,19 +88,20 @@ def main(argv=None) -> int:
         pools = {"real digits, classifier's training split": (real[train_idx], labels[train_idx]),
                  **{name: (x, sample_digits) for name, x in images.items()}}
         rng = np.random.default_rng(0)
-        results = {"held-out real digits (all 359)": {"359": spread([evaluator.score(real[held_idx], labels[held_idx])["toy_fid"]])}}
+        results = {c: {"held-out real digits (all 359)": {"359": spread([ev.score(real[held_idx], labels[held_idx])["toy_fid"]])}}
+                   for c, ev in evaluators.items()}
         for name, (x, d) in pools.items():
-            results[name] = {}
             for n in sizes:
-                counts = digit_counts(n, labels[held_idx])
-                fids = [evaluator.score(x[i], d[i])["toy_fid"] for i in (stratified_subset(d, counts, rng) for _ in range(args.repeats))]
-                results[name][str(n)] = spread(fids)
+                subsets = [stratified_subset(d, digit_counts(n, labels[held_idx]), rng) for _ in range(args.repeats)]
+                for c, ev in evaluators.items():  # the same subsets for every classifier
+                    results[c].setdefault(name, {})[str(n)] = spread([ev.score(x[i], d[i])["toy_fid"] for i in subsets])
     except (DMD2Error, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("toy FID at equal sample counts (mean, sd, min-max over subsets)")
-    for name, by_n in results.items():
-        print(f"  {name}: " + "; ".join(f"n={n}: {r['mean']:.2f} (sd {r['sd']:.2f}, {r['min']:.2f}-{r['max']:.2f})" for n, r in by_n.items()))
+    for classifier, rows in results.items():
+        print(f"toy FID at equal sample counts, {classifier} classifier (mean, sd, min-max over subsets)")
+        for name, by_n in rows.items():
+            print(f"  {name}: " + "; ".join(f"n={n}: {r['mean']:.2f} (sd {r['sd']:.2f}, {r['min']:.2f}-{r['max']:.2f})" for n, r in by_n.items()))
     print(json.dumps(results))
     return 0
 
