@@ -232,6 +232,11 @@ def test_gan_probe_on_a_run(tmp_path):
     bands = json.loads(out.stdout.strip().splitlines()[-1])["2"]
     assert list(bands) == ["t0-50", "t50-200", "t200-400", "t400-700", "t700-1000"]
     assert all(0 <= a <= 1 for pair in bands.values() for a in pair) and len({tuple(p) for p in bands.values()}) > 1
+    first = subprocess.run([*cmd, str(tmp_path / "run"), "--student-step", "0"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1])["2"] != bands  # the first step's x0, not the final samples
+    late = subprocess.run([*cmd, str(tmp_path / "run"), "--student-step", "4"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert late.returncode != 0 and "--student-step must be in 0..3" in late.stderr.strip().splitlines()[-1]
     train_run(tmp_path / "nogan", str(teacher_path()), [*small, "gan.real_data=none"])
     bad = subprocess.run([*cmd, str(tmp_path / "nogan")], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert bad.returncode != 0 and "trained without the GAN" in bad.stderr.strip().splitlines()[-1]

@@ -5,9 +5,10 @@ means the student keeps moving to where the head is blind.
 
     python benchmarks/toy/gan_probe.py outputs/exp18/dsplit-s0 --steps 1400
 
-For each checkpoint: the student samples ``--n`` digits with its own sampler, the real digits are encoded by the
-teacher's VAE, and both are re-noised within a few timestep bands and read by the critic (the one for the student's
-last step, with one per step). Printed per band: the balanced accuracy (real read as real, sample as sample) of the
+For each checkpoint: the student samples ``--n`` digits with its own sampler (or stops at ``--student-step`` k and
+takes that step's x0, which backward simulation also feeds the GAN), the real digits are encoded by the teacher's
+VAE, and both are re-noised within a few timestep bands and read by the critic (the one for that student step, with
+one per step). Printed per band: the balanced accuracy (real read as real, sample as sample) of the
 run's own head, and of a fresh head of the same shape trained as the run trains its head (its batch, learning rate and
 timestep range, AdamW) for ``--fresh-steps`` steps on the other half of the images, the student held still. The last
 line is all of it as JSON.
@@ -61,8 +62,9 @@ def train_head(head: torch.nn.Module, features, fake: torch.Tensor, real: torch.
     return head
 
 
-def probe(model, roles, cfg, head: GANHead, n: int, fresh_steps: int, seed: int = 0) -> dict[str, list[float]]:
-    """{"t0-50": [run's head accuracy, fresh head accuracy], ...} on held-out halves of samples and real digits."""
+def probe(model, roles, cfg, head: GANHead, n: int, fresh_steps: int, student_step: int = -1, seed: int = 0) -> dict[str, list[float]]:
+    """{"t0-50": [run's head accuracy, fresh head accuracy], ...} on held-out halves of samples and real digits; the
+    samples are student step ``student_step``'s x0 (-1: the last step's, the final samples)."""
     shape = gen.latent_shape(model.unet, model.vae, cfg.resolution)
     images, labels = load_digits_32()
     if model.vae.config.in_channels == 3:
@@ -72,10 +74,10 @@ def probe(model, roles, cfg, head: GANHead, n: int, fresh_steps: int, seed: int 
     cond = digit_conditioning(model, digits.tolist() + labels.tolist(), cfg.resolution)
     sigmas = sampling.sigmas_for_timesteps(model.schedule.sigmas, cfg.student.timesteps)
     noise = gen.seeded_noise([seed * 1_000_003 + i for i in range(n)], shape)
-    last = len(cfg.student.timesteps) - 1  # the samples are the last step's output: its critic judges them
+    k = student_step % len(cfg.student.timesteps)  # its critic judges step k's samples
     with torch.no_grad():
         denoise = gen.make_denoiser(lambda x, t, c: roles.student(x, t, c), model.schedule, cond.index(torch.arange(n)))
-        fake = sampling.sample_dmd2(denoise, sampling.initial_latent(noise(), sigmas[0]), torch.cat([sigmas, sigmas.new_zeros(1)]), noise)
+        fake = sampling.sample_dmd2(denoise, sampling.initial_latent(noise(), sigmas[0]), torch.cat([sigmas[:k + 1], sigmas.new_zeros(1)]), noise)
     # rows index [fake; real] so every feature call gets its own conditioning
     rows = torch.arange(n + len(real))
     g = torch.Generator().manual_seed(seed + 1)
@@ -83,7 +85,7 @@ def probe(model, roles, cfg, head: GANHead, n: int, fresh_steps: int, seed: int 
     def features(x_rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x0 = torch.cat([fake, real])[x_rows]
         with torch.no_grad():
-            return roles.critic_features(add_noise(model.schedule, x0, torch.randn(x0.shape, generator=g), t), t, cond.index(x_rows), last)
+            return roles.critic_features(add_noise(model.schedule, x0, torch.randn(x0.shape, generator=g), t), t, cond.index(x_rows), k)
 
     fake_rows, real_rows = rows[:n], rows[n:][torch.randperm(len(real), generator=g)]
     fit_fake, test_fake = fake_rows[: n // 2], fake_rows[n // 2:]
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", required=True, help="comma-separated checkpoint steps, e.g. 1000,1400")
     parser.add_argument("--n", type=int, default=1000, help="student samples (default 1,000; half fit the fresh head)")
     parser.add_argument("--fresh-steps", type=int, default=700, help="the fresh head's training steps (default 700)")
+    parser.add_argument("--student-step", type=int, default=-1, help="probe this student step's x0 (0 = the first; default: the last)")
     args = parser.parse_args(argv)
     try:
         wanted = [int(s) for s in args.steps.split(",")]
@@ -117,14 +120,18 @@ def main(argv=None) -> int:
         if not all((found[s] / "gan_head.safetensors").is_file() for s in wanted):
             raise DMD2Error(f"{args.run_dir} trained without the GAN (no gan_head.safetensors): nothing to probe")
         model, roles, cfg = roles_for_run(args.run_dir)
+        steps = len(cfg.student.timesteps)
+        if not -steps <= args.student_step < steps:
+            raise DMD2Error(f"--student-step must be in 0..{steps - 1} for this {steps}-step student, got {args.student_step}")
         shape = gen.latent_shape(model.unet, model.vae, cfg.resolution)
         results = {}
         for step in wanted:
             load_weights(roles, found[step])
             head = GANHead.for_unet(model.unet, shape[-1])
             head.load_state_dict(load_file(found[step] / "gan_head.safetensors"))
-            results[step] = probe(model, roles, cfg, head.eval(), args.n, args.fresh_steps)
-            print(f"step {step}: balanced accuracy, the run's head / a fresh head ({args.fresh_steps} steps), real vs samples")
+            results[step] = probe(model, roles, cfg, head.eval(), args.n, args.fresh_steps, args.student_step)
+            which = f"student step {args.student_step % steps}'s x0" if args.student_step != -1 else "samples"
+            print(f"step {step}: balanced accuracy, the run's head / a fresh head ({args.fresh_steps} steps), real vs {which}")
             print("  " + "  ".join(f"{band}: {a:.3f} / {b:.3f}" for band, (a, b) in results[step].items()))
     except (DMD2Error, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
