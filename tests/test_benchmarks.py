@@ -288,4 +288,4 @@ def test_real_baseline_end_to_end(tmp_path):
         assert set(rows[name]) == {"20", "40"} and all(r["repeats"] == 2 and r["min"] <= r["mean"] <= r["max"] for r in rows[name].values())
     assert rows["student 4-step"] != rows["teacher 2 steps, CFG 1.5"]
     bad = subprocess.run([*cmd, "--lora", str(tmp_path / "missing.safetensors")], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert bad.returncode != 0 and "no LoRA file at" in bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode != 0 and "missing.safetensors does not exist" in bad.stderr.strip().splitlines()[-1]

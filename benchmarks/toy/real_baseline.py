@@ -20,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from trainer.errors import DMD2Error  # noqa: E402
-from trainer.export import merge_into_unet  # noqa: E402
+from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.digits import NUM_DIGITS, load_digits_32, split_indices  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
@@ -65,8 +63,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         sizes = [int(v) for v in args.n.split(",")]
-        if args.lora is not None and not args.lora.is_file():
-            raise DMD2Error(f"no LoRA file at {args.lora}: pass a .safetensors written by `dmd2 train` or `dmd2 demo`")
+        lora = read_lora(args.lora) if args.lora is not None else None  # a one-line error for a missing or bad file
+        if lora is not None and "dmd2.timesteps" not in lora[1]:
+            raise DMD2Error(f"{args.lora} has no dmd2.timesteps in its metadata: pass a LoRA that `dmd2 train` or `dmd2 demo` wrote")
         if max(sizes) > 2 * args.samples or min(sizes) < 2:
             raise DMD2Error(f"--n must be between 2 and twice --samples ({2 * args.samples}), got {args.n}")
         evaluators = load_evaluators()
@@ -75,14 +74,13 @@ def main(argv=None) -> int:
         model = load_sdxl(str(teacher_path()))
         digits = [i % NUM_DIGITS for i in range(args.samples)]
         generated = {f"teacher {args.teacher_steps} steps, CFG {args.teacher_cfg}": Row("teacher", args.teacher_steps, args.teacher_cfg)}
-        if args.lora is not None:
-            with safe_open(str(args.lora), "pt") as f:
-                timesteps = tuple(json.loads((f.metadata() or {}).get("dmd2.timesteps", "[999, 749, 499, 249]")))
+        if lora is not None:
+            timesteps = tuple(json.loads(lora[1]["dmd2.timesteps"]))
             generated[f"student {len(timesteps)}-step"] = Row("student", len(timesteps), 1.0, timesteps)
         images = {}
-        for name, row in generated.items():
+        for name, row in generated.items():  # the teacher first: the student's LoRA is merged into its UNet for good
             if row.timesteps is not None:
-                merge_into_unet(model.unet, {k: v.float() for k, v in load_file(args.lora).items()})
+                merge_into_unet(model.unet, lora[0])
             images[name] = torch.cat([sample_row(model, row, digits, seed=s)[0] for s in (0, 1)])
         sample_digits = torch.tensor(digits * 2)
         pools = {"real digits, classifier's training split": (real[train_idx], labels[train_idx]),
