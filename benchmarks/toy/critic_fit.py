@@ -33,7 +33,7 @@ from trainer.models.roles import DMD2Roles  # noqa: E402
 from trainer.schedule import add_noise, output_to_x0  # noqa: E402
 from trainer.train import make_roles  # noqa: E402
 from trainer.toy.rows import digit_conditioning  # noqa: E402
-from score_checkpoints import checkpoints  # noqa: E402
+from score_checkpoints import checkpoints_at  # noqa: E402
 
 RENOISE_T = (900, 700, 500, 300, 100)
 
@@ -91,14 +91,10 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=30, help="samples per digit (default 30)")
     args = parser.parse_args(argv)
     try:
-        wanted = [int(s) for s in args.steps.split(",")]
-        found = dict(checkpoints(args.run_dir, 0)) if (args.run_dir / "checkpoints").is_dir() else {}
-        missing = [s for s in wanted if s not in found]
-        if missing:
-            raise DMD2Error(f"{args.run_dir} has no complete checkpoint at step(s) {missing}: pick from {sorted(found)}")
+        found = checkpoints_at(args.run_dir, args.steps)
         model, roles, cfg = roles_for_run(args.run_dir)
         results = {}
-        for step in wanted:
+        for step in found:
             load_weights(roles, found[step])
             fit = results[step] = critic_fit(model, roles, cfg.student.timesteps, args.n, cfg.resolution)
             for key, what in (("mse", "x0 MSE, critic / teacher"), ("spread", "spread within a digit, critic / teacher / samples")):

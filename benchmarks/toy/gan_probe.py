@@ -35,7 +35,7 @@ from trainer.schedule import add_noise  # noqa: E402
 from trainer.toy.digits import load_digits_32  # noqa: E402
 from trainer.toy.rows import digit_conditioning  # noqa: E402
 from critic_fit import load_weights, roles_for_run  # noqa: E402
-from score_checkpoints import checkpoints  # noqa: E402
+from score_checkpoints import checkpoints_at  # noqa: E402
 
 BANDS = ((0, 50), (50, 200), (200, 400), (400, 700), (700, 1000))
 
@@ -112,12 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--student-step", type=int, default=-1, help="probe this student step's x0 (0 = the first; default: the last)")
     args = parser.parse_args(argv)
     try:
-        wanted = [int(s) for s in args.steps.split(",")]
-        found = dict(checkpoints(args.run_dir, 0)) if (args.run_dir / "checkpoints").is_dir() else {}
-        missing = [s for s in wanted if s not in found]
-        if missing:
-            raise DMD2Error(f"{args.run_dir} has no complete checkpoint at step(s) {missing}: pick from {sorted(found)}")
-        if not all((found[s] / "gan_head.safetensors").is_file() for s in wanted):
+        found = checkpoints_at(args.run_dir, args.steps)
+        if not all((found[s] / "gan_head.safetensors").is_file() for s in found):
             raise DMD2Error(f"{args.run_dir} trained without the GAN (no gan_head.safetensors): nothing to probe")
         model, roles, cfg = roles_for_run(args.run_dir)
         steps = len(cfg.student.timesteps)
@@ -125,7 +121,7 @@ def main(argv=None) -> int:
             raise DMD2Error(f"--student-step must be in 0..{steps - 1} for this {steps}-step student, got {args.student_step}")
         shape = gen.latent_shape(model.unet, model.vae, cfg.resolution)
         results = {}
-        for step in wanted:
+        for step in found:
             load_weights(roles, found[step])
             head = GANHead.for_unet(model.unet, shape[-1])
             head.load_state_dict(load_file(found[step] / "gan_head.safetensors"))

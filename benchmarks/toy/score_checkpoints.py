@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from trainer.checkpoint import STATE_FILE  # noqa: E402
+from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import lora_from_checkpoint, merge_into_unet  # noqa: E402
 from trainer.generate import place  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
@@ -59,6 +60,17 @@ def checkpoints(run_dir: Path, min_step: int, every: int = 1) -> list[tuple[int,
         if (path / STATE_FILE).is_file() and step >= min_step and step % every == 0:
             found.append((step, path))
     return found
+
+
+def checkpoints_at(run_dir: Path, steps: str) -> dict[int, Path]:
+    """{step: folder} for the comma-separated ``steps`` (e.g. "400,800"); a one-line error names any step without a
+    complete checkpoint and the ones there are."""
+    wanted = [int(v) for v in steps.split(",")]
+    found = dict(checkpoints(run_dir, 0)) if (run_dir / "checkpoints").is_dir() else {}
+    missing = [v for v in wanted if v not in found]
+    if missing:
+        raise DMD2Error(f"{run_dir} has no complete checkpoint at step(s) {missing}: pick from {sorted(found)}")
+    return {v: found[v] for v in wanted}
 
 
 def score_run(run_dir: Path, teacher: str, min_step: int, seeds: list[int], device: str, n: int = 1000,
