@@ -76,14 +76,15 @@ def probe(model, roles, cfg, head: GANHead, n: int, fresh_steps: int, student_st
     noise = gen.seeded_noise([seed * 1_000_003 + i for i in range(n)], shape)
     k = student_step % len(cfg.student.timesteps)  # its critic judges step k's samples
     with torch.no_grad():
-        denoise = gen.make_denoiser(lambda x, t, c: roles.student(x, t, c), model.schedule, cond.index(torch.arange(n)))
+        denoise = gen.make_denoiser(roles.student, model.schedule, cond.index(torch.arange(n)))
         fake = sampling.sample_dmd2(denoise, sampling.initial_latent(noise(), sigmas[0]), torch.cat([sigmas[:k + 1], sigmas.new_zeros(1)]), noise)
     # rows index [fake; real] so every feature call gets its own conditioning
-    rows = torch.arange(n + len(real))
+    pool = torch.cat([fake, real])
+    rows = torch.arange(len(pool))
     g = torch.Generator().manual_seed(seed + 1)
 
     def features(x_rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x0 = torch.cat([fake, real])[x_rows]
+        x0 = pool[x_rows]
         with torch.no_grad():
             return roles.critic_features(add_noise(model.schedule, x0, torch.randn(x0.shape, generator=g), t), t, cond.index(x_rows), k)
 
