@@ -1,4 +1,5 @@
-"""The three roles on one UNet, the GAN head, and the LoRA export round trip through diffusers' own loader."""
+"""The three roles on one UNet, the GAN head, the LoRA export round trip through diffusers' own loader, and the
+README's diffusers sampling recipe."""
 from __future__ import annotations
 
 import logging
@@ -147,3 +148,39 @@ def test_small_gan_head_learns_to_separate_shifted_features():
         loss.backward()
         opt.step()
     assert loss.item() < 0.6  # chance is 2 ln 2 = 1.386; 32 groups of 2 values (the old sizing) stay at 0.83
+
+
+@pytest.mark.parametrize("v_pred, ztsnr, timesteps", [(False, False, (999, 749, 499, 249)), (False, False, (399,)),
+                                                       (True, False, (999, 499)), (True, True, (999, 749, 499, 249))])
+def test_readme_diffusers_recipe_samples_what_the_dmd2_sampler_samples(tmp_path, v_pred, ztsnr, timesteps):
+    """The README's diffusers recipe (load_lora_weights, LCMScheduler from the pipeline's own scheduler config, the
+    trained timesteps, guidance 0) gives the same latents as our sampler, fed the same starting and step noise."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    from trainer import sampling
+    from trainer.generate import make_denoiser
+    from trainer.testing.tiny_sdxl import write_tiny_sdxl
+
+    paths = write_tiny_sdxl(tmp_path / "model", v_pred=v_pred, ztsnr=ztsnr)
+    model = load_sdxl(paths["single_file"])
+    roles = DMD2Roles(model.unet, rank=4, alpha=2)
+    _randomise_adapters(roles)
+    lora = save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT, torch.float32), tmp_path / "lora.safetensors",
+                                   recipe_metadata(timesteps=list(timesteps), rank=4, alpha=2, training_steps=1, teacher="tiny",
+                                                   teacher_hash="0" * 64, prediction_type=model.schedule.prediction_type))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(paths["diffusers"]))
+    pipe.load_lora_weights(str(lora))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    prompts = ["a cat", "a dog"]
+    start = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    theirs = pipe(prompts, num_inference_steps=len(timesteps), timesteps=list(timesteps), guidance_scale=0, height=32, width=32,
+                  latents=start.clone(), generator=torch.Generator().manual_seed(7), output_type="latent").images
+
+    step_noise = torch.Generator().manual_seed(7)  # LCMScheduler draws one batch of noise per step from the generator
+    sigmas = sampling.sigmas_for_timesteps(model.schedule.sigmas, timesteps)
+    with torch.no_grad():
+        denoise = make_denoiser(roles.student, model.schedule, encode_prompts(model, prompts, 32))
+        ours = sampling.sample_dmd2(denoise, sampling.initial_latent(start, sigmas[0]), sigmas,
+                                    lambda i: torch.randn(start.shape, generator=step_noise))
+    assert ours.abs().max() > 1.0  # a real sample, not a vanishing one
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
