@@ -35,6 +35,14 @@ def _randomise_adapters(roles, seed=1):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def _export_student(roles, path, timesteps=(999, 749, 499, 249), prediction_type="epsilon"):
+    """The student adapter written as the trainer writes it: kohya keys, fp32 here, with its recipe metadata."""
+    adapter = roles.unet.peft_config[STUDENT]
+    meta = recipe_metadata(timesteps=list(timesteps), rank=adapter.r, alpha=adapter.lora_alpha, training_steps=1, teacher="tiny",
+                           teacher_hash="0" * 64, prediction_type=prediction_type)
+    return save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT, torch.float32), path, meta)
+
+
 def test_roles_share_one_unet_and_switch(model):
     x, t, cond = _inputs(model)
     base = unet_forward(model.unet, x, t, cond).detach()
@@ -88,9 +96,7 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_the_student(model, tmp_
     roles = DMD2Roles(model.unet, rank=4, alpha=2)
     _randomise_adapters(roles)
     student = roles.student(x, t, cond).detach()
-    path = save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT, torch.float32), tmp_path / "lora.safetensors",
-                                   recipe_metadata(timesteps=[999, 749, 499, 249], rank=4, alpha=2, training_steps=1,
-                                                   teacher="tiny", teacher_hash="0" * 64, prediction_type="epsilon"))
+    path = _export_student(roles, tmp_path / "lora.safetensors")
     fresh = load_sdxl(model.source)
     pipe = StableDiffusionXLPipeline(vae=fresh.vae, text_encoder=fresh.text_encoder, text_encoder_2=fresh.text_encoder_2,
                                      tokenizer=fresh.tokenizer, tokenizer_2=fresh.tokenizer_2, unet=fresh.unet, scheduler=EulerDiscreteScheduler())
@@ -165,9 +171,7 @@ def test_readme_diffusers_recipe_samples_what_the_dmd2_sampler_samples(tmp_path,
     model = load_sdxl(paths["single_file"])
     roles = DMD2Roles(model.unet, rank=4, alpha=2)
     _randomise_adapters(roles)
-    lora = save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT, torch.float32), tmp_path / "lora.safetensors",
-                                   recipe_metadata(timesteps=list(timesteps), rank=4, alpha=2, training_steps=1, teacher="tiny",
-                                                   teacher_hash="0" * 64, prediction_type=model.schedule.prediction_type))
+    lora = _export_student(roles, tmp_path / "lora.safetensors", timesteps, model.schedule.prediction_type)
     pipe = StableDiffusionXLPipeline.from_pretrained(str(paths["diffusers"]))
     pipe.load_lora_weights(str(lora))
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
