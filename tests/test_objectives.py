@@ -86,3 +86,9 @@ def test_timestep_window_and_sampling_bounds():
     t = obj.sample_timesteps(10_000, 20, 980, g)
     assert t.min() >= 20 and t.max() <= 980 and t.dtype == torch.int64
     assert t.min() == 20 and t.max() == 980  # inclusive at both ends
+
+
+def test_window_below_a_student_step_input():
+    assert obj.window_below((20, 980), 999) == (20, 980)  # the first step: DMD2's whole window
+    assert obj.window_below((20, 980), 499) == (20, 499)
+    assert obj.window_below((20, 980), 10) == (20, 20)  # never empty, never below the window's floor

@@ -167,6 +167,38 @@ def test_dmd_noise_draws_renoise_each_sample_that_often(tmp_path, data_dir, tiny
         load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", **{"dmd.noise_draws": 0})).validate()
 
 
+@pytest.mark.parametrize("below_step, timesteps", [(True, [999, 749, 499, 249]), (False, [999, 749, 499, 249]), (True, [399])])
+def test_dmd_timestep_below_the_step_input(tmp_path, data_dir, tiny_sdxl_file, monkeypatch, below_step, timesteps):
+    """With dmd.t_below_step the DMD loss of a sample made by student step k > 0 re-noises it only within [20, t_k];
+    without it (DMD2's window) the same run's draws go above t_k for the later steps, so the spy sees the option. The
+    first step draws from pure noise, so a 1-step student labelled t = 399 keeps the whole window."""
+    import trainer.train as train_module
+    from trainer.models.roles import DMD2Roles
+
+    drawn: list[int] = []  # the student timestep t_k of each iteration's samples
+    pairs: list[tuple[int, torch.Tensor]] = []  # (t_k, the DMD timesteps) of every teacher pass
+    real_input, real_teacher = train_module.student_input, DMD2Roles.teacher
+
+    def spy_input(*args, **kwargs):
+        x, t = real_input(*args, **kwargs)
+        drawn.append(int(t[0]))
+        return x, t
+
+    def spy_teacher(self, x, t, cond):
+        pairs.append((drawn[-1], t.detach().cpu()))
+        return real_teacher(self, x, t, cond)
+
+    monkeypatch.setattr(train_module, "student_input", spy_input)
+    monkeypatch.setattr(DMD2Roles, "teacher", spy_teacher)
+    train(load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "run", steps=16, **{
+        "dmd.t_below_step": below_step, "dmd.noise_draws": 4, "student.timesteps": timesteps})))
+    steps_drawn = {t_k for t_k, _ in pairs}
+    assert len(pairs) == 8 and (len(steps_drawn) > 1 if len(timesteps) > 1 else steps_drawn == {399})  # 8 updates
+    assert all(20 <= int(t.min()) and int(t.max()) <= 980 for _, t in pairs)
+    above = sum(int((t > t_k).sum()) for t_k, t in pairs)
+    assert (above == 0) == (below_step and len(timesteps) > 1)
+
+
 def test_critic_per_step_trains_the_critic_of_the_step_that_made_the_samples(tmp_path, data_dir, tiny_sdxl_file, monkeypatch):
     """With dmd.critic_per_step every critic pass of an iteration (the DMD pass, the denoising loss, the GAN features)
     uses the critic of the student step whose samples it judges; only those critics train, all are checkpointed

@@ -51,6 +51,11 @@ class DMDConfig:
     # The critic's denoising loss: "target" (the teacher's own eps or v loss, DMD2's) or "x0_high_noise" (the x0 error
     # where noise dominates, SNR < 1, the eps loss elsewhere; trainer.objectives.critic_x0_loss)
     critic_loss: str = "target"
+    # Draw the DMD loss's timestep for student step k > 0 only up to that step's input timestep t_k (DMD2: the whole
+    # [min_t, max_t] window for every step; the first step, which starts from pure noise, keeps it). The later steps
+    # cannot redraw the layout they are handed, and all steps share one LoRA. On the toy teacher this lowered FID a
+    # little at batch 16, not at batch 256, and cost accuracy on a weaker teacher (benchmarks/toy/NOTES.md, 37-38)
+    t_below_step: bool = False
 
 
 @dataclass

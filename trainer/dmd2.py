@@ -31,6 +31,7 @@ class DMD2Settings:
     gan_t_max: int = 999  # the GAN re-noises real and fake at t ~ U[0, gan_t_max]
     dmd_noise_draws: int = 1  # (t, noise) re-noisings per student sample whose DMD gradients are averaged
     critic_loss: str = "target"  # "target": the teacher's own eps/v loss (DMD2); "x0_high_noise": objectives.critic_x0_loss
+    dmd_t_below_step: bool = False  # step k > 0: its DMD timestep in dmd_t_range cut at t_k (objectives.window_below)
 
 
 @dataclass
@@ -96,7 +97,10 @@ def student_losses(roles: DMD2Roles, head: GANHead | None, schedule: NoiseSchedu
     batch, draws = x0.shape[0], settings.dmd_noise_draws
     x_clean = x0.detach().repeat(draws, *([1] * (x0.ndim - 1)))
     cond_rows = Conditioning.cat([cond] * draws)
-    t = rng.timesteps(len(x_clean), *settings.dmd_t_range, x0.device)
+    window = settings.dmd_t_range
+    if settings.dmd_t_below_step and step_index > 0:  # the first step draws from pure noise, whatever its t label
+        window = obj.window_below(window, settings.student_timesteps[step_index])
+    t = rng.timesteps(len(x_clean), *window, x0.device)
     x_t = add_noise(schedule, x_clean, rng.randn(x_clean.shape, x0), t)
     with torch.no_grad():
         if settings.guidance_scale == 1.0:  # no guidance: the unconditional pass would cancel out

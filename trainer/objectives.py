@@ -62,3 +62,11 @@ def timestep_range(num_train_timesteps: int, min_fraction: float = 0.02, max_fra
     """An inclusive integer window [min_fraction T, max_fraction T], capped at T - 1. The defaults are DMD's window for
     the distribution-matching loss (20..980 for T = 1000); the GAN's re-noising uses [0, gan.max_t]."""
     return int(min_fraction * num_train_timesteps), min(int(max_fraction * num_train_timesteps), num_train_timesteps - 1)
+
+
+def window_below(window: tuple[int, int], step_timestep: int) -> tuple[int, int]:
+    """DMD's timestep window cut at a later student step's input timestep ``t_k``: [low, min(high, t_k)] (never empty).
+    The idea: step k starts from an input at t_k, where what only shows at higher noise (the layout) is already fixed,
+    so a DMD gradient drawn above t_k asks the weights all steps share for a change that step cannot make."""
+    low, high = window
+    return low, max(low, min(high, step_timestep))

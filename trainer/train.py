@@ -142,7 +142,7 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
                             timestep_range(schedule.num_train_timesteps, cfg.dmd.min_t, cfg.dmd.max_t),
                             cfg.gan.student_weight, cfg.gan.critic_weight, use_gan,
                             timestep_range(schedule.num_train_timesteps, 0.0, cfg.gan.max_t)[1], cfg.dmd.noise_draws,
-                            cfg.dmd.critic_loss)
+                            cfg.dmd.critic_loss, cfg.dmd.t_below_step)
     adamw = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay, kind=plan.optimizer, device=device, quiet=quiet)
     student_params = roles.student_parameters()
     critic_groups = [{"params": roles.critic_parameters(), "lr": cfg.dmd.critic_lr}]
