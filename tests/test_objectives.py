@@ -89,6 +89,6 @@ def test_timestep_window_and_sampling_bounds():
 
 
 def test_window_below_a_student_step_input():
-    assert obj.window_below((20, 980), 999) == (20, 980)  # the first step: DMD2's whole window
+    assert obj.window_below((20, 980), 999) == (20, 980)  # t_k above the window: the window unchanged
     assert obj.window_below((20, 980), 499) == (20, 499)
     assert obj.window_below((20, 980), 10) == (20, 20)  # never empty, never below the window's floor

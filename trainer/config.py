@@ -52,8 +52,8 @@ class DMDConfig:
     # where noise dominates, SNR < 1, the eps loss elsewhere; trainer.objectives.critic_x0_loss)
     critic_loss: str = "target"
     # Draw the DMD loss's timestep for student step k > 0 only up to that step's input timestep t_k (DMD2: the whole
-    # [min_t, max_t] window for every step; the first step, which starts from pure noise, keeps it). The later steps
-    # cannot redraw the layout they are handed, and all steps share one LoRA. On the toy teacher this lowered FID a
+    # [min_t, max_t] window for every step; the first step, which starts from pure noise, keeps it). The idea: a later
+    # step cannot redraw the layout it is handed, yet all steps share one LoRA. On the toy teacher this lowered FID a
     # little at batch 16, not at batch 256, and cost accuracy on a weaker teacher (benchmarks/toy/NOTES.md, 37-38)
     t_below_step: bool = False
 
