@@ -8,9 +8,6 @@
 #   run(command="ONLY='4s-b1024-s0 1s-b1024-s0' TRAIN_END=430 END=560 bash ...", ...)   # two of the runs, longer
 #   DRY=1 PYTHON=.venv/bin/python bash benchmarks/toy/gpu_batch_runs.sh   # the same on a CPU, tiny, in about a minute
 #   PROFILE=window ...   # point 38: batch 256, 1,200 iterations, DMD2's DMD window against dmd.t_below_step, seeds 0-1
-#   PROFILE=window16 ... # demo.yaml against dmd.t_below_step on both teachers, trained on the host's CPUs. Its one
-#                        # call (point 38) found the H200 host slow: six runs at 3.3-3.5 it/s each (2 threads), 814-901
-#                        # of 1,400 iterations by TRAIN_END=300, so nothing was scored; it needs TRAIN_END=440 END=570
 #
 # Everything (logs, scores.jsonl per run, the final LoRAs) comes back as one $OUT/results.tgz: the device tool returns
 # only a few files per call. A second call while the machine is still warm resumes the runs (and their logs and scores)
@@ -20,7 +17,6 @@ cd "$(dirname "$0")/../.."
 RETURN=${OUT:-/tmp/toy_gpu_out}; WORK=/tmp/toy_gpu_work; LOGS=$WORK/logs; RUNS=$WORK/runs
 mkdir -p "$RETURN" "$LOGS" "$RUNS"
 PY=${PYTHON:-python3}
-TRAIN_ON_CPU=0; THREADS=3; declare -A TEACH=()  # per run: --teacher (default: the bundled one)
 # fp32 weights as on the CPU, with TF32 matrix products (convolutions use TF32 by default).
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
 if ! $PY -c "import diffusers" 2>/dev/null; then
@@ -39,23 +35,16 @@ if [ "${DRY:-0}" = 1 ]; then
   COMMON="mixed_precision=no steps=20 checkpoint_every=10"
   declare -A SETS=([4s-b8-s0]="batch_size=8 micro_batch_size=8 seed=0" [1s-b8-s0]="batch_size=8 micro_batch_size=8 seed=0 student.timesteps=1")
   declare -A MIN=([4s-b8-s0]=10 [1s-b8-s0]=10); LATE=20; FIRST=20
-  [ "${PROFILE:-}" = window ] && { SETS[1s-b8-s0]="batch_size=8 micro_batch_size=8 seed=0 dmd.t_below_step=true"; }
+  if [ "${PROFILE:-}" = window ]; then  # the window profile's pair in miniature
+    declare -A SETS=([4s-b8-s0]="batch_size=8 micro_batch_size=8 seed=0" [4s-b8w-s0]="batch_size=8 micro_batch_size=8 seed=0 dmd.t_below_step=true")
+    declare -A MIN=([4s-b8-s0]=10 [4s-b8w-s0]=10)
+  fi
 elif [ "${PROFILE:-}" = window ]; then
   DEVICE=cuda; export OMP_NUM_THREADS=3
   COMMON="mixed_precision=no checkpoint_every=100 steps=1200 batch_size=256 micro_batch_size=256"
   declare -A SETS=([4s-b256-s0]="seed=0" [4s-b256-s1]="seed=1"
                    [4s-b256w-s0]="seed=0 dmd.t_below_step=true" [4s-b256w-s1]="seed=1 dmd.t_below_step=true")
   declare -A MIN=([4s-b256-s0]=600 [4s-b256-s1]=600 [4s-b256w-s0]=600 [4s-b256w-s1]=600); LATE=1000; FIRST=200
-elif [ "${PROFILE:-}" = window16 ]; then
-  # batch 16 runs are bound by the host, so they train on the CPUs (two threads each, beside each other) as on the
-  # 2-core machine, and only the scoring uses the GPU. The second teacher must be carried (outputs/teacher2).
-  DEVICE=cuda; TRAIN_ON_CPU=1; THREADS=2
-  COMMON="mixed_precision=no checkpoint_every=100 steps=1400"
-  T2=outputs/teacher2/digits_teacher.safetensors
-  declare -A SETS=([t2-s0]="seed=0" [t2-s1]="seed=1" [t2w-s0]="seed=0 dmd.t_below_step=true" [t2w-s1]="seed=1 dmd.t_below_step=true"
-                   [b16-s3]="seed=3" [b16w-s3]="seed=3 dmd.t_below_step=true")
-  declare -A TEACH=([t2-s0]=$T2 [t2-s1]=$T2 [t2w-s0]=$T2 [t2w-s1]=$T2)
-  declare -A MIN=([t2-s0]=1000 [t2-s1]=1000 [t2w-s0]=1000 [t2w-s1]=1000 [b16-s3]=1000 [b16w-s3]=1000); LATE=9999; FIRST=200
 else
   DEVICE=cuda; export OMP_NUM_THREADS=3
   # steps=4000: the deadline ends the runs (the learning rate is constant, so the trajectory does not depend on steps)
@@ -78,17 +67,12 @@ bounded() {  # bounded DEADLINE SIGNAL CMD...: run CMD until DEADLINE seconds in
 }
 for name in "${!SETS[@]}"; do
   (
-    teacher=${TEACH[$name]:+--teacher ${TEACH[$name]}}
-    if [ $TRAIN_ON_CPU = 1 ]; then
-      CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$THREADS bounded $TRAIN_END INT $PY $SCORE $RUNS/$name --train --no-score $teacher --set $COMMON ${SETS[$name]} >> "$LOGS/$name.train.log" 2>&1
-    else
-      bounded $TRAIN_END INT $PY $SCORE $RUNS/$name --train --no-score $teacher --set $COMMON ${SETS[$name]} >> "$LOGS/$name.train.log" 2>&1
-    fi
+    bounded $TRAIN_END INT $PY $SCORE $RUNS/$name --train --no-score --set $COMMON ${SETS[$name]} >> "$LOGS/$name.train.log" 2>&1
     echo "train rc $? at ${SECONDS}s" >> "$LOGS/$name.train.log"
     # Every FIRST-th checkpoint first, then the rest (each pass newest first), so a deadline leaves a spread scored.
-    bounded $END KILL $PY $SCORE $RUNS/$name $teacher --min-step ${MIN[$name]} --every $FIRST --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
-    bounded $END KILL $PY $SCORE $RUNS/$name $teacher --min-step ${MIN[$name]} --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
-    bounded $END KILL $PY $SCORE $RUNS/$name $teacher --min-step $LATE --seeds 1,2 --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
+    bounded $END KILL $PY $SCORE $RUNS/$name --min-step ${MIN[$name]} --every $FIRST --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
+    bounded $END KILL $PY $SCORE $RUNS/$name --min-step ${MIN[$name]} --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
+    bounded $END KILL $PY $SCORE $RUNS/$name --min-step $LATE --seeds 1,2 --device $DEVICE >> "$LOGS/$name.score.log" 2>&1
     echo "scoring ended at ${SECONDS}s" >> "$LOGS/$name.score.log"
   ) &
 done
