@@ -65,9 +65,15 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--n", "20", "--steps", "2", "--resolution", "64",
            "--seeds", "0,3", "--work", str(tmp_path / "work")]
-    out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_folder), "--cfg-sweep", "1,2"], capture_output=True, text=True, timeout=900,
-                         env=env, cwd=REPO)
+    # --jobs 2: the students are trained in two --train-only processes, then this one evaluates them
+    out = subprocess.run([*cmd, "--teacher", str(tiny_sdxl_folder), "--cfg-sweep", "1,2", "--jobs", "2"], capture_output=True, text=True,
+                         timeout=900, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
+    logs = sorted((tmp_path / "work").glob("train-*.log"))
+    assert [log.name for log in logs] == ["train-0.log", "train-1.log"]
+    groups = [line.split("training ", 1)[1].split(" in a parallel process")[0].split(", ") for line in out.stdout.splitlines()
+              if "in a parallel process" in line]
+    assert len(groups) == 2 and sorted(sum(groups, [])) == sorted(["student-4", "student-2", "student-1", "no-gan", "no-backsim", "full-critic"])
     rows = json.loads((tmp_path / "work" / "results.json").read_text())
     full = json.loads((tmp_path / "work" / "results_full.json").read_text())
     assert [r["cfg"] for r in full["teacher_cfg_sweep"]] == [1.0, 2.0] and rows[0]["cfg"] in (1.0, 2.0)

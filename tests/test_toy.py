@@ -107,6 +107,22 @@ def test_sampling_returns_finite_images(teacher):
     assert one.shape == (4, 3, 32, 32) and torch.isfinite(one).all()
 
 
+def test_demo_data_is_written_once_and_completed_when_partial(tmp_path):
+    """The demo's prompts and real digits (which parallel trainers read, `make_table.py --jobs`): an unchanged prompts
+    file is not rewritten, a partial image folder is rebuilt whole, and no temporary files stay behind."""
+    from trainer.demo import write_demo_data
+
+    prompts, images = write_demo_data(tmp_path)
+    count = len(load_digits_32()[1])
+    assert len(list(images.glob("*.png"))) == count and len(list(images.glob("*.txt"))) == count
+    stamp = prompts.stat().st_mtime_ns
+    (images / "0005.png").unlink()
+    assert write_demo_data(tmp_path) == (prompts, images)
+    assert prompts.stat().st_mtime_ns == stamp and prompts.read_text().count("\n") > 10
+    assert len(list(images.glob("*.png"))) == count and (images / "0005.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "real_digits"]
+
+
 def test_demo_cli_writes_lora_grid_and_report(tmp_path):
     """`dmd2 demo` as the README runs it, shortened: the real demo.yaml on the bundled teacher, a few iterations."""
     import subprocess

@@ -4,6 +4,7 @@ then compare teacher and student on the same prompts and seeds: ``outputs/demo/`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from importlib import resources
@@ -26,16 +27,23 @@ def demo_config_path() -> Path:
 def write_demo_data(folder: Path) -> tuple[Path, Path]:
     """Prompts (every template for every digit) and the real digits as PNGs with captions (the GAN's real data)."""
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = folder / "prompts.txt"
-    prompts.write_text("\n".join(all_prompts()) + "\n")
+    # Written only when missing or different, and renamed into place: parallel trainers (make_table.py --jobs) read them.
+    prompts, text = folder / "prompts.txt", "\n".join(all_prompts()) + "\n"
+    if not prompts.is_file() or prompts.read_text() != text:
+        tmp = prompts.with_name(f".{prompts.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, prompts)
     images_dir = folder / "real_digits"
     images, labels = load_digits_32()
     if not images_dir.is_dir() or len(list(images_dir.glob("*.png"))) != len(images):
-        shutil.rmtree(images_dir, ignore_errors=True)
-        images_dir.mkdir()
+        tmp = folder / f".real_digits.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         for i, (im, label) in enumerate(zip(gen.to_pil(images), labels.tolist())):
-            im.save(images_dir / f"{i:04d}.png")
-            (images_dir / f"{i:04d}.txt").write_text(prompt_for(label, i % len(PROMPT_TEMPLATES)))
+            im.save(tmp / f"{i:04d}.png")
+            (tmp / f"{i:04d}.txt").write_text(prompt_for(label, i % len(PROMPT_TEMPLATES)))
+        shutil.rmtree(images_dir, ignore_errors=True)
+        os.replace(tmp, images_dir)
     return prompts, images_dir
 
 
