@@ -11,10 +11,10 @@ Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the te
 CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`: the 4-step student is trained
 exactly as `dmd2 demo` trains its LoRA, the 1-step student gets 3x its iterations); and DMD2's ablations on the
 4-step student: without the GAN loss, without backward simulation, and a full critic instead of the LoRA critic.
-Students are trained with the real trainer into `--work`; a student whose LoRA exists is not trained again
-(`--jobs 2` trains them in two processes first; `--train-only` trains some), and one trained with another config or teacher is
-refused. Every row is also scored by two second-opinion classifiers (the evaluator's classifier trained with seeds 1 and
-2). Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image, image_size and
+Students are trained with the real trainer into `--work` (`--jobs 2`: in two processes first); a student whose LoRA
+exists is not trained again (`--train-only` trains some), and one trained with another config or teacher is refused.
+Every row is also scored by two second-opinion classifiers (the evaluator's classifier trained with seeds 1 and 2).
+Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image, image_size and
 second_opinion: toy_fid and accuracy per second-opinion classifier) and `RESULTS.md` into `--out`. Each row is
 sampled at every seed of `--seeds` (1,000 images each by default); its numbers are the means over them, and `per_seed`
 keeps each seed's (one seed's FID moves by about +-0.1 on the teacher and the students alike, NOTES.md point 30).
@@ -183,13 +183,13 @@ def main() -> None:
     args.work = args.work or ROOT / "outputs" / ("toy_table" + (f"-{content_hash(args.teacher)[:8]}" if args.teacher else ""))
     args.out = args.out or (args.work if args.teacher else ROOT / "benchmarks" / "toy")
     args.work.mkdir(parents=True, exist_ok=True)
+    data = write_demo_data(args.work / "data")
     if args.train_only:
-        data = write_demo_data(args.work / "data")
         for sid in args.train_only.split(","):
             train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         return
     if args.jobs > 1:
-        train_in_parallel(args.jobs, args.work, write_demo_data(args.work / "data"), args.steps, args.teacher, args.resolution)
+        train_in_parallel(args.jobs, args.work, data, args.steps, args.teacher, args.resolution)
     digits = [i % 10 for i in range(args.n)]
     evaluator, *second_opinion = load_evaluators().values()
     teacher_file = args.teacher or teacher_path()
@@ -216,7 +216,6 @@ def main() -> None:
     w = best["cfg"]
     rows = [dict(best, name=f"teacher 50 steps (best CFG {w:g})")]
     rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
-    data = write_demo_data(args.work / "data")
     for sid, (name, k, _) in STUDENTS.items():
         t0 = time.perf_counter()
         lora, trained_here = train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
