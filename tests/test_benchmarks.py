@@ -108,6 +108,29 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     assert bad.returncode != 0 and "--resolution 30 is not a positive multiple of 8" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_make_table_parallel_training_reports_a_failed_process(tmp_path, tiny_sdxl_file):
+    """--train-only with --jobs trains just those students in parallel processes; a process that fails (here every one:
+    the teacher is truncated) ends the command with a one-line error naming its log, and nothing is evaluated."""
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_sdxl_file.read_bytes()[: tiny_sdxl_file.stat().st_size // 2])
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--n", "20", "--steps", "2", "--work", str(tmp_path / "work"),
+           "--teacher", str(truncated)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([*cmd, "--train-only", "no-gan,student-4", "--jobs", "2"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert out.returncode != 0
+    groups = sorted(line.split("training ", 1)[1].split(" in a parallel process")[0] for line in out.stdout.splitlines()
+                    if "in a parallel process" in line)
+    assert groups == ["no-gan", "student-4"]  # only the students asked for, one per process
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: training students failed (") and "train-0.log" in error and error.count("error:") == 1
+    assert "truncated or corrupt; download or copy it again" in error
+    for log in ("train-0.log", "train-1.log"):
+        assert "truncated or corrupt" in (tmp_path / "work" / log).read_text()
+    assert not (tmp_path / "work" / "results.json").exists()
+    unknown = subprocess.run([*cmd, "--train-only", "student-3"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert unknown.returncode != 0 and "--train-only student-3: no such student; pick from student-4," in unknown.stderr.strip().splitlines()[-1]
+
+
 def test_score_checkpoints_trains_and_scores_every_checkpoint_once(tmp_path):
     """`score_checkpoints.py --train` trains demo.yaml + overrides on the bundled teacher, keeps every checkpoint, and
     scores each with the three classifiers; a second call scores only what is missing and summarises all of it."""

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
 from trainer.demo import demo_config_path, write_demo_data  # noqa: E402
+from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
@@ -123,13 +124,14 @@ def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | No
 
 
 def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None,
-                      resolution: int | None) -> None:
-    """Train the students that have no LoRA yet in ``jobs`` processes (``--train-only``, one CPU thread share each),
+                      resolution: int | None, only: list[str] | None = None) -> None:
+    """Train the students (``only`` these, default all) that have no LoRA yet in ``jobs`` processes (``--train-only``,
+    one CPU thread share each),
     the longest first onto the least loaded process; each writes its log to ``work/train-<i>.log``. The tiny models
     leave most of a second thread idle, so on 2 cores two processes get through 1.6-2x the iterations of one (NOTES.md
     point 40)."""
     todo = {}
-    for sid in STUDENTS:
+    for sid in only or STUDENTS:
         cfg = student_config(sid, work, data, steps, teacher, resolution)
         if trained_lora(work, sid, teacher, cfg) is None:  # also refuses a folder from another config or teacher
             todo[sid] = cfg.steps  # the toy's full critic costs about what the LoRA critic does per iteration
@@ -149,7 +151,7 @@ def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int
     failed = [log for proc, log in running if proc.wait() != 0]
     if failed:
         last = failed[0].read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"error: training students failed ({', '.join(map(str, failed))}): {last[0]}")
+        raise SystemExit(f"error: training students failed ({', '.join(map(str, failed))}): {last[0].removeprefix('error: ')}")
 
 
 def main() -> None:
@@ -172,10 +174,13 @@ def main() -> None:
     p.add_argument("--train-only", metavar="IDS", help=f"only train these students (comma-separated: {','.join(STUDENTS)}), e.g. to "
                    "train several in parallel processes before one run that evaluates everything")
     p.add_argument("--jobs", type=int, default=1, help="train the students in this many processes first (e.g. 2 on a "
-                   "2-core CPU: 1.6-2x faster), then evaluate in this one")
+                   "2-core CPU: 1.6-2x faster), then evaluate in this one; with --train-only, only those students and no evaluation")
     args = p.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: pass the number of training processes, 1 or more")
+    unknown = [sid for sid in (args.train_only or "").split(",") if args.train_only and sid not in STUDENTS]
+    if unknown:
+        raise SystemExit(f"error: --train-only {','.join(unknown)}: no such student; pick from {','.join(STUDENTS)}")
     if args.teacher is not None and not args.teacher.exists():
         raise SystemExit(f"error: teacher {args.teacher} does not exist: pass a single-file checkpoint or a diffusers folder")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
@@ -185,7 +190,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     data = write_demo_data(args.work / "data")
     if args.train_only:
-        for sid in args.train_only.split(","):
+        ids = args.train_only.split(",")
+        if args.jobs > 1:
+            train_in_parallel(args.jobs, args.work, data, args.steps, args.teacher, args.resolution, only=ids)
+        for sid in ids:  # after parallel training: reports each LoRA as reused
             train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         return
     if args.jobs > 1:
@@ -331,4 +339,7 @@ def target_checks(rows: list[dict], scores=lambda r: r) -> list[tuple[str, str, 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DMD2Error as exc:  # a bad teacher, config or data: one line, as the CLI gives it
+        raise SystemExit(f"error: {exc}") from None
