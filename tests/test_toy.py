@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,14 +140,46 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
     assert lora.parent == out and lora.is_file()
     with safe_open(lora, "pt") as f:
         assert json.loads(f.metadata()["dmd2.timesteps"]) == [999, 749, 499, 249]
+    assert sorted(out.glob("*.safetensors")) == [lora]  # the demo's LoRA is the one at the top
+    # the 1-step student, trained side by side in a second process (2+ cores) with DMD2's 1-step recipe
+    one_step = sorted((out / "run-1step").glob("dmd2_*_lora.safetensors"))
+    assert len(one_step) == 1 and "1step" in one_step[0].name
+    with safe_open(one_step[0], "pt") as f:
+        assert json.loads(f.metadata()["dmd2.timesteps"]) == [399]
     rows = json.loads((out / "results.json").read_text())
-    assert [r["steps"] for r in rows] == [50, 4, 4, 1]
+    assert [(r["name"], r["steps"]) for r in rows] == [("teacher, 50 steps", 50), ("teacher, 4 steps", 4), ("student, 4 steps", 4),
+                                                       ("student, 1 step", 1), ("teacher, 1 step", 1)]
     assert all(0 <= r["accuracy"] <= 1 and r["toy_fid"] > 0 and r["seconds_per_image"] > 0 for r in rows)
     grid = Image.open(out / "grid.png")
     assert grid.width >= 4 * 32 and grid.height >= 10 * 32  # 4 columns, 10 prompts
     report = (out / "report.md").read_text()
-    assert "| teacher, 50 steps |" in report and "| student, 4 steps |" in report and "grid.png" in report
+    assert "| teacher, 50 steps |" in report and "| student, 4 steps |" in report and "| student, 1 step |" in report
+    assert "grid.png" in report and "run-1step/" + one_step[0].name in report
     assert "dmd2" in result.stderr  # the progress bar
+    if (os.cpu_count() or 1) >= 2:
+        assert "side by side in two processes" in report and "LoRA: " in (out / "run-1step.log").read_text()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the students train side by side only on 2+ cores")
+def test_demo_reports_a_failed_one_step_process_in_one_line(tmp_path):
+    from trainer.config import load_config
+    from trainer.demo import _train_students, demo_config_path, write_demo_data
+    from trainer.errors import DMD2Error
+    from trainer.toy.teacher import teacher_path
+
+    prompts, images = write_demo_data(tmp_path / "data")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(teacher_path().read_bytes()[:4096])
+
+    def config(run, model):
+        base = {"model": str(model), "prompts": str(prompts), "images": str(images), "output_dir": str(tmp_path / run)}
+        return load_config(demo_config_path(), ["steps=2", "checkpoint_every=2", "validate_every=0"], base=base).validate()
+
+    with pytest.raises(DMD2Error) as err:
+        _train_students(config("run", teacher_path()), config("run-1step", truncated), tmp_path)
+    message = str(err.value)
+    assert "the 1-step student's training failed (log: " in message and "truncated or corrupt" in message and "\n" not in message
+    assert sorted((tmp_path / "run").glob("dmd2_*_lora.safetensors"))  # the 4-step student trained meanwhile
 
 
 def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_folder):
@@ -165,7 +198,7 @@ def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_f
     grid = Image.open(out / "grid.png")
     # 4 columns of 64-pixel cells with 2-pixel padding (32-pixel samples would be enlarged to 96-pixel cells)
     assert grid.width == 4 * (64 + 2) + 2
-    assert [r["steps"] for r in json.loads((out / "results.json").read_text())] == [50, 4, 4, 1]
+    assert [r["steps"] for r in json.loads((out / "results.json").read_text())] == [50, 4, 4, 1, 1]
 
 
 @pytest.mark.slow

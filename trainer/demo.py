@@ -1,11 +1,14 @@
-"""``dmd2 demo``: distill the bundled toy digits teacher into a 4-step LoRA with the real trainer and config system,
-then compare teacher and student on the same prompts and seeds: ``outputs/demo/`` gets the LoRA, ``grid.png``
-(teacher 50 steps | teacher 4 steps | student 4 steps | student 1 step) and ``report.md`` with metrics and timings."""
+"""``dmd2 demo``: distill the bundled toy digits teacher into a 4-step LoRA (and a 1-step one) with the real trainer and
+config system, then compare teacher and students on the same prompts and seeds: ``outputs/demo/`` gets the 4-step
+LoRA, ``grid.png`` (teacher 50 steps | teacher 4 steps | student 4 steps | student 1 step), ``report.md`` with metrics
+and timings, and the 1-step student's run in ``run-1step/``."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -14,7 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from trainer import generate as gen
-from trainer.config import load_config
+from trainer.config import dump_yaml, load_config
+from trainer.errors import DMD2Error
 from trainer.export import merge_into_unet, read_lora
 from trainer.toy.digits import PROMPT_TEMPLATES, all_prompts, load_digits_32, prompt_for
 from trainer.toy.rows import Row, sample_row
@@ -60,30 +64,41 @@ def comparison_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
     return out
 
 
+ONE_STEP = ["student.timesteps=1"]  # DMD2's 1-step recipe (pure noise in, read at t = 399) on top of demo.yaml
+
+
 def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), eval_images: int = 500) -> Path:
+    """Train the 4-step student (the demo's LoRA, in ``out_dir``) and a 1-step student (in ``out_dir/run-1step/``),
+    then compare both with the teacher; returns the 4-step LoRA."""
     from trainer.models.loading import load_sdxl
     from trainer.toy.evaluate import ToyEvaluator
     from trainer.toy.teacher import teacher_path
-    from trainer.train import train
 
     out = Path(out_dir)
     prompts, images = write_demo_data(out / "data")
-    base = {"model": str(teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out / "run")}
-    cfg = load_config(demo_config_path(), overrides, base=base).validate()
+
+    def config(run: str, extra: list[str]):
+        base = {"model": str(teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out / run)}
+        return load_config(demo_config_path(), [*overrides, *extra], base=base).validate()
+
+    cfg, cfg_one = config("run", []), config("run-1step", ONE_STEP)
     t0 = time.perf_counter()
-    lora = train(cfg)
+    lora, lora_one, how = _train_students(cfg, cfg_one, out)
     train_seconds = time.perf_counter() - t0
     final_lora = shutil.copy2(lora, out / lora.name)
 
-    print("evaluating teacher and student on the same prompts and seeds ...")
+    print("evaluating teacher and students on the same prompts and seeds ...")
     teacher = load_sdxl(cfg.model)
-    student = load_sdxl(cfg.model)
-    tensors, _ = read_lora(final_lora)
-    merge_into_unet(student.unet, tensors)
-    ts = tuple(cfg.student.timesteps)
-    w = cfg.validation.teacher_cfg
+    students = []
+    for path in (final_lora, lora_one):
+        student = load_sdxl(cfg.model)
+        merge_into_unet(student.unet, read_lora(path)[0])
+        students.append(student)
+    ts, ts_one, w = tuple(cfg.student.timesteps), tuple(cfg_one.student.timesteps), cfg.validation.teacher_cfg
+    # the grid's four columns, then the report's extra row: the teacher at the 1-step student's step count
     rows = [(Row("teacher, 50 steps", 50, w), teacher), (Row(f"teacher, {len(ts)} steps", len(ts), w), teacher),
-            (Row(f"student, {len(ts)} steps", len(ts), timesteps=ts), student), (Row("student, 1 step", 1, timesteps=ts[:1]), student)]
+            (Row(f"student, {len(ts)} steps", len(ts), timesteps=ts), students[0]),
+            (Row("student, 1 step", 1, timesteps=ts_one), students[1]), (Row("teacher, 1 step", 1, w), teacher)]
     digits = [i % 10 for i in range(eval_images)]
     evaluator = ToyEvaluator.load()
     results, columns = [], []
@@ -95,20 +110,62 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), ev
         print(f"  {row.name:<20} toy FID {scores['toy_fid']:7.2f}  accuracy {scores['accuracy']:.3f}  "
               f"diversity {scores['diversity']:.3f}  {seconds * 1000:.1f} ms/image")
     grid_path = out / "grid.png"
-    gen.save_png_atomic(comparison_grid(columns), grid_path)
+    gen.save_png_atomic(comparison_grid(columns[:4]), grid_path)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report = out / "report.md"
-    report.write_text(_report(cfg, results, train_seconds, Path(final_lora).name, eval_images))
+    report.write_text(_report(cfg, results, train_seconds, how, Path(final_lora).name, lora_one.relative_to(out), eval_images))
     print(f"wrote {report}, {grid_path} and {Path(final_lora).name}")
     return Path(final_lora)
 
 
-def _report(cfg, results: list[dict], train_seconds: float, lora_name: str, n: int) -> str:
+def _train_students(cfg, cfg_one, out: Path) -> tuple[Path, Path, str]:
+    """Both students' LoRAs, and how they were trained. On a CPU with 2+ cores they train side by side, the 1-step
+    one in a second process, each on half the cores: the toy's small convolutions leave most of a second thread
+    idle, so both finish in about the time the 4-step student alone takes on all cores (benchmarks/toy/NOTES.md,
+    point 42). On a GPU, one after the other."""
+    from trainer.train import train
+
+    cores = os.cpu_count() or 1
+    if torch.cuda.is_available() or cores < 2:
+        return _trained(train(cfg)), _trained(train(cfg_one)), "one after the other"
+    config_file, log = out / "run-1step.yaml", out / "run-1step.log"
+    tmp = config_file.with_name(f".{config_file.name}.tmp")
+    tmp.write_text(dump_yaml(cfg_one))
+    os.replace(tmp, config_file)
+    threads = torch.get_num_threads()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "--config", str(config_file)], stdout=f,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(cores // 2)))
+    print(f"training the 1-step student in a second process (log: {log})", flush=True)
+    try:
+        torch.set_num_threads(cores - cores // 2)
+        lora = _trained(train(cfg))
+    except BaseException:  # also Ctrl-C; a stopped trainer leaves no half-written checkpoint (temp folder + rename)
+        proc.terminate()
+        proc.wait()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    print("waiting for the 1-step student ...", flush=True)
+    if proc.wait() != 0:
+        last = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise DMD2Error(f"the 1-step student's training failed (log: {log}): {last[0].removeprefix('error: ')}")
+    found = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))
+    return lora, found[-1], f"side by side in two processes, {cores - cores // 2} and {cores // 2} CPU thread(s)"
+
+
+def _trained(lora: Path | None) -> Path:
+    if lora is None:  # the trainer saved a checkpoint on Ctrl-C and returned
+        raise KeyboardInterrupt
+    return lora
+
+
+def _report(cfg, results: list[dict], train_seconds: float, how: str, lora_name: str, lora_one: Path, n: int) -> str:
     lines = [
-        "# comfy-dmd2 demo: the toy digits teacher distilled into a 4-step LoRA", "",
+        "# comfy-dmd2 demo: the toy digits teacher distilled into a 4-step and a 1-step LoRA", "",
         f"- LoRA: `{lora_name}` (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {cfg.steps} iterations, student timesteps "
-        f"{list(cfg.student.timesteps)})",
-        f"- training time: {train_seconds / 60:.1f} min on {torch.get_num_threads()} CPU thread(s)",
+        f"{list(cfg.student.timesteps)}); the 1-step student (timestep 399, the same config otherwise): `{lora_one.as_posix()}`",
+        f"- training time: {train_seconds / 60:.1f} min for both students, {how}",
         f"- evaluation: {n} images per row, digits 0-9 cycled, prompt \"a handwritten digit <word>\", the same seeds in every row; "
         "toy FID = Fréchet distance on the digit classifier's penultimate features against all 1,797 real digits; "
         "accuracy = classifier agrees with the prompted digit; diversity = within-prompt feature spread relative to the real digits'.",
@@ -119,5 +176,3 @@ def _report(cfg, results: list[dict], train_seconds: float, lora_name: str, n: i
                      f"{r['seconds_per_image'] * 1000:.1f} |")
     lines += ["", "![teacher 50 steps | teacher 4 steps | student 4 steps | student 1 step](grid.png)", ""]
     return "\n".join(lines)
-
-
