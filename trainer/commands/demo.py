@@ -1,4 +1,4 @@
-"""``dmd2 demo``: the bundled default run (toy digits teacher -> 4-step LoRA -> grid and report in outputs/demo/)."""
+"""``dmd2 demo``: the bundled default run (toy digits teacher -> 4-step and 1-step LoRAs -> grid and report in outputs/demo/)."""
 from __future__ import annotations
 
 import argparse
