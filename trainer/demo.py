@@ -113,32 +113,32 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), ev
     gen.save_png_atomic(comparison_grid(columns[:4]), grid_path)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report = out / "report.md"
-    report.write_text(_report(cfg, results, train_seconds, how, Path(final_lora).name, lora_one.relative_to(out), eval_images))
+    report.write_text(_report(cfg, cfg_one, results, train_seconds, how, Path(final_lora).name, lora_one.relative_to(out), eval_images))
     print(f"wrote {report}, {grid_path} and {Path(final_lora).name}")
     return Path(final_lora)
 
 
 def _train_students(cfg, cfg_one, out: Path) -> tuple[Path, Path, str]:
-    """Both students' LoRAs, and how they were trained. On a CPU with 2+ cores they train side by side, the 1-step
-    one in a second process, each on half the cores: the toy's small convolutions leave most of a second thread
-    idle, so both finish in about the time the 4-step student alone takes on all cores (benchmarks/toy/NOTES.md,
-    point 42). On a GPU, one after the other."""
+    """Both students' LoRAs, and how they were trained. On a CPU with 2+ threads (torch's count, which follows
+    OMP_NUM_THREADS) they train side by side, the 1-step one in a second process, each on half the threads: the toy's
+    small convolutions leave most of a second thread idle, so both finish in about the time the 4-step student alone
+    takes on all of them (benchmarks/toy/NOTES.md, point 42). On a GPU, one after the other."""
     from trainer.train import train
 
-    cores = os.cpu_count() or 1
-    if torch.cuda.is_available() or cores < 2:
+    threads = torch.get_num_threads()
+    if torch.cuda.is_available() or threads < 2:
         return _trained(train(cfg)), _trained(train(cfg_one)), "one after the other"
+    mine, theirs = threads - threads // 2, threads // 2
     config_file, log = out / "run-1step.yaml", out / "run-1step.log"
     tmp = config_file.with_name(f".{config_file.name}.tmp")
     tmp.write_text(dump_yaml(cfg_one))
     os.replace(tmp, config_file)
-    threads = torch.get_num_threads()
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "--config", str(config_file)], stdout=f,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(cores // 2)))
+                                stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(theirs)))
     print(f"training the 1-step student in a second process (log: {log})", flush=True)
     try:
-        torch.set_num_threads(cores - cores // 2)
+        torch.set_num_threads(mine)
         lora = _trained(train(cfg))
     except BaseException:  # also Ctrl-C; a stopped trainer leaves no half-written checkpoint (temp folder + rename)
         proc.terminate()
@@ -151,7 +151,7 @@ def _train_students(cfg, cfg_one, out: Path) -> tuple[Path, Path, str]:
         last = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise DMD2Error(f"the 1-step student's training failed (log: {log}): {last[0].removeprefix('error: ')}")
     found = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))
-    return lora, found[-1], f"side by side in two processes, {cores - cores // 2} and {cores // 2} CPU thread(s)"
+    return lora, found[-1], f"side by side in two processes, {mine} and {theirs} CPU thread(s)"
 
 
 def _trained(lora: Path | None) -> Path:
@@ -160,11 +160,12 @@ def _trained(lora: Path | None) -> Path:
     return lora
 
 
-def _report(cfg, results: list[dict], train_seconds: float, how: str, lora_name: str, lora_one: Path, n: int) -> str:
+def _report(cfg, cfg_one, results: list[dict], train_seconds: float, how: str, lora_name: str, lora_one: Path, n: int) -> str:
     lines = [
         "# comfy-dmd2 demo: the toy digits teacher distilled into a 4-step and a 1-step LoRA", "",
         f"- LoRA: `{lora_name}` (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {cfg.steps} iterations, student timesteps "
-        f"{list(cfg.student.timesteps)}); the 1-step student (timestep 399, the same config otherwise): `{lora_one.as_posix()}`",
+        f"{list(cfg.student.timesteps)}); the 1-step student (timestep {cfg_one.student.timesteps[0]}, the same config otherwise): "
+        f"`{lora_one.as_posix()}`",
         f"- training time: {train_seconds / 60:.1f} min for both students, {how}",
         f"- evaluation: {n} images per row, digits 0-9 cycled, prompt \"a handwritten digit <word>\", the same seeds in every row; "
         "toy FID = Fréchet distance on the digit classifier's penultimate features against all 1,797 real digits; "
