@@ -126,10 +126,9 @@ def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | No
 def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None,
                       resolution: int | None, only: list[str] | None = None) -> None:
     """Train the students (``only`` these, default all) that have no LoRA yet in ``jobs`` processes (``--train-only``,
-    one CPU thread share each),
-    the longest first onto the least loaded process; each writes its log to ``work/train-<i>.log``. The tiny models
-    leave most of a second thread idle, so on 2 cores two processes get through 1.6-2x the iterations of one (NOTES.md
-    point 40)."""
+    one CPU thread share each), the longest first onto the least loaded process; each writes its log to
+    ``work/train-<i>.log``. The tiny models leave most of a second thread idle, so on 2 cores two processes get through
+    1.6-2x the iterations of one (NOTES.md point 40)."""
     todo = {}
     for sid in only or STUDENTS:
         cfg = student_config(sid, work, data, steps, teacher, resolution)
@@ -178,7 +177,8 @@ def main() -> None:
     args = p.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: pass the number of training processes, 1 or more")
-    unknown = [sid for sid in (args.train_only or "").split(",") if args.train_only and sid not in STUDENTS]
+    only = args.train_only.split(",") if args.train_only else []
+    unknown = [sid for sid in only if sid not in STUDENTS]
     if unknown:
         raise SystemExit(f"error: --train-only {','.join(unknown)}: no such student; pick from {','.join(STUDENTS)}")
     if args.teacher is not None and not args.teacher.exists():
@@ -189,11 +189,10 @@ def main() -> None:
     args.out = args.out or (args.work if args.teacher else ROOT / "benchmarks" / "toy")
     args.work.mkdir(parents=True, exist_ok=True)
     data = write_demo_data(args.work / "data")
-    if args.train_only:
-        ids = args.train_only.split(",")
+    if only:
         if args.jobs > 1:
-            train_in_parallel(args.jobs, args.work, data, args.steps, args.teacher, args.resolution, only=ids)
-        for sid in ids:  # after parallel training: reports each LoRA as reused
+            train_in_parallel(args.jobs, args.work, data, args.steps, args.teacher, args.resolution, only=only)
+        for sid in only:  # after parallel training: reports each LoRA as reused
             train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         return
     if args.jobs > 1:
