@@ -133,9 +133,7 @@ def _train_students(cfg, cfg_one, out: Path) -> tuple[Path, Path, str]:
     tmp = config_file.with_name(f".{config_file.name}.tmp")
     tmp.write_text(dump_yaml(cfg_one))
     os.replace(tmp, config_file)
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", "--config", str(config_file)], stdout=f,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(theirs)))
+    proc = start_logged([sys.executable, "-m", "trainer", "train", "--config", str(config_file)], log, theirs)
     print(f"training the 1-step student in a second process (log: {log})", flush=True)
     try:
         torch.set_num_threads(mine)
@@ -148,10 +146,22 @@ def _train_students(cfg, cfg_one, out: Path) -> tuple[Path, Path, str]:
         torch.set_num_threads(threads)
     print("waiting for the 1-step student ...", flush=True)
     if proc.wait() != 0:
-        last = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise DMD2Error(f"the 1-step student's training failed (log: {log}): {last[0].removeprefix('error: ')}")
+        raise DMD2Error(f"the 1-step student's training failed (log: {log}): {last_error(log)}")
     found = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))
     return lora, found[-1], f"side by side in two processes, {mine} and {theirs} CPU thread(s)"
+
+
+def start_logged(argv: list[str], log: Path, threads: int) -> subprocess.Popen:
+    """Start ``argv`` on ``threads`` CPU threads (OMP_NUM_THREADS) with its stdout and stderr going to ``log`` (also
+    used by benchmarks/toy/make_table.py's parallel training)."""
+    with log.open("w") as f:
+        return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+
+
+def last_error(log: Path) -> str:
+    """A failed process's last log line (a command's one-line error), without its ``error: `` prefix."""
+    last = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+    return last[0].removeprefix("error: ")
 
 
 def _trained(lora: Path | None) -> Path:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
-from trainer.demo import demo_config_path, write_demo_data  # noqa: E402
+from trainer.demo import demo_config_path, last_error, start_logged, write_demo_data  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
@@ -139,18 +137,15 @@ def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int
         min(groups, key=lambda g: sum(todo[i] for i in g)).append(sid)
     flags = ["--work", str(work)] + (["--steps", str(steps)] if steps else []) + (["--teacher", str(teacher)] if teacher else [])
     flags += ["--resolution", str(resolution)] if resolution else []
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // max(1, len(groups)))))
+    threads = max(1, torch.get_num_threads() // max(1, len(groups)))  # torch's count follows OMP_NUM_THREADS, as the demo's
     running = []
     for i, group in enumerate(groups):
         log = work / f"train-{i}.log"
         print(f"training {', '.join(group)} in a parallel process (log: {log})", flush=True)
-        with log.open("w") as f:
-            running.append((subprocess.Popen([sys.executable, __file__, *flags, "--train-only", ",".join(group)], stdout=f,
-                                             stderr=subprocess.STDOUT, env=env), log))
+        running.append((start_logged([sys.executable, __file__, *flags, "--train-only", ",".join(group)], log, threads), log))
     failed = [log for proc, log in running if proc.wait() != 0]
     if failed:
-        last = failed[0].read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"error: training students failed ({', '.join(map(str, failed))}): {last[0].removeprefix('error: ')}")
+        raise SystemExit(f"error: training students failed ({', '.join(map(str, failed))}): {last_error(failed[0])}")
 
 
 def main() -> None:
