@@ -4,6 +4,8 @@ LoRA, ``grid.png`` (teacher 50 steps | teacher 4 steps | student 4 steps | stude
 and timings, and the 1-step student's run in ``run-1step/``."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -90,8 +92,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), ev
     print("evaluating teacher and students on the same prompts and seeds ...")
     teacher = load_sdxl(cfg.model)
     students = []
-    for path in (final_lora, lora_one):
-        student = load_sdxl(cfg.model)
+    for path in (final_lora, lora_one):  # the teacher with its UNet copied and the LoRA merged in; the rest is shared
+        student = dataclasses.replace(teacher, unet=copy.deepcopy(teacher.unet))
         merge_into_unet(student.unet, read_lora(path)[0])
         students.append(student)
     ts, ts_one, w = tuple(cfg.student.timesteps), tuple(cfg_one.student.timesteps), cfg.validation.teacher_cfg
