@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from trainer.conditioning import encode_prompts
-from trainer.export import kohya_state_dict, merge_into_unet, read_lora, recipe_metadata, save_safetensors_atomic
+from trainer.export import kohya_state_dict, merge_into_unet, read_lora, recipe_metadata, save_safetensors_atomic, with_lora
 from trainer.models.gan_head import GANHead
 from trainer.models.loading import load_sdxl
 from trainer.models.roles import STUDENT, DMD2Roles, unet_forward, unet_mid_features
@@ -115,6 +115,14 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_the_student(model, tmp_
     tensors, meta = read_lora(path)
     assert merge_into_unet(merged.unet, tensors) == n_modules and meta["dmd2.timesteps"] == "[999, 749, 499, 249]"
     torch.testing.assert_close(unet_forward(merged.unet, x, t, cond), student, rtol=1e-4, atol=1e-4)
+    # with_lora (the demo's and the toy table's students): the same, on a copy of the UNet; the base is left as it was
+    base = load_sdxl(model.source)
+    before = unet_forward(base.unet, x, t, cond)
+    copied, meta = with_lora(base, path)
+    assert copied.unet is not base.unet and copied.vae is base.vae and copied.text_encoder is base.text_encoder
+    assert meta["dmd2.timesteps"] == "[999, 749, 499, 249]"
+    torch.testing.assert_close(unet_forward(copied.unet, x, t, cond), student, rtol=1e-4, atol=1e-4)
+    assert torch.equal(unet_forward(base.unet, x, t, cond), before) and not torch.allclose(before, student, atol=1e-3)
 
 
 def test_lora_without_alpha_would_be_wrong(model, tmp_path):

@@ -4,8 +4,6 @@ LoRA, ``grid.png`` (teacher 50 steps | teacher 4 steps | student 4 steps | stude
 and timings, and the 1-step student's run in ``run-1step/``."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +19,7 @@ from PIL import Image, ImageDraw
 from trainer import generate as gen
 from trainer.config import dump_yaml, load_config
 from trainer.errors import DMD2Error
-from trainer.export import merge_into_unet, read_lora
+from trainer.export import with_lora
 from trainer.toy.digits import PROMPT_TEMPLATES, all_prompts, load_digits_32, prompt_for
 from trainer.toy.rows import Row, sample_row
 
@@ -91,11 +89,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), ev
 
     print("evaluating teacher and students on the same prompts and seeds ...")
     teacher = load_sdxl(cfg.model)
-    students = []
-    for path in (final_lora, lora_one):  # the teacher with its UNet copied and the LoRA merged in; the rest is shared
-        student = dataclasses.replace(teacher, unet=copy.deepcopy(teacher.unet))
-        merge_into_unet(student.unet, read_lora(path)[0])
-        students.append(student)
+    students = [with_lora(teacher, path)[0] for path in (final_lora, lora_one)]
     ts, ts_one, w = tuple(cfg.student.timesteps), tuple(cfg_one.student.timesteps), cfg.validation.teacher_cfg
     # the grid's four columns, then the report's extra row: the teacher at the 1-step student's step count
     rows = [(Row("teacher, 50 steps", 50, w), teacher), (Row(f"teacher, {len(ts)} steps", len(ts), w), teacher),

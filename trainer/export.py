@@ -127,3 +127,15 @@ def merge_into_unet(unet, tensors: dict[str, torch.Tensor], strength: float = 1.
             module.weight.add_(delta.to(module.weight.device, module.weight.dtype))
         patched += 1
     return patched
+
+
+def with_lora(model, path: str | Path):
+    """A copy of an ``SDXLModel`` whose UNet (copied) has the LoRA at ``path`` merged in; the text encoders, VAE and
+    schedule are shared with ``model``, which is left as it was. Returns (student model, the LoRA's metadata)."""
+    import copy
+    import dataclasses
+
+    tensors, meta = read_lora(path)
+    student = dataclasses.replace(model, unet=copy.deepcopy(model.unet))
+    merge_into_unet(student.unet, tensors)
+    return student, meta

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
 from trainer.demo import demo_config_path, last_error, start_logged, write_demo_data  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
-from trainer.export import merge_into_unet, read_lora  # noqa: E402
+from trainer.export import read_lora, with_lora  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
@@ -222,9 +222,7 @@ def main() -> None:
         t0 = time.perf_counter()
         lora, trained_here = train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         train_minutes = (time.perf_counter() - t0) / 60
-        student = load_sdxl(teacher_file)
-        tensors, meta = read_lora(lora)
-        merge_into_unet(student.unet, tensors)
+        student, meta = with_lora(teacher, lora)
         timesteps = tuple(json.loads(meta["dmd2.timesteps"]))
         r = score(Row(name, k, 1.0, timesteps), student)
         if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
