@@ -26,7 +26,7 @@ from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
 from trainer.generate import decode  # noqa: E402
 from trainer.toy.teacher import balanced_digits, load_toy_teacher, sample_teacher  # noqa: E402
 
-DEFAULT_ROWS = "50:1,50:2,50:3,50:4.5,50:6,8:2,4:1,4:2,4:3,4:4.5,2:2,1:1,1:2,1:3,1:4.5"
+DEFAULT_ROWS = "50:1,50:1.25,50:1.5,50:2,50:3,50:4.5,50:6,8:2,4:1,4:2,4:3,4:4.5,2:2,1:1,1:2,1:3,1:4.5"
 
 
 @torch.no_grad()
