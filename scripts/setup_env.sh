@@ -11,5 +11,7 @@ if ! python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
   python -m pip install -q ${TORCH_SPEC:-torch==2.13.0} 2>&1 | grep -v '^WARNING: Location' || true
 fi
-python -m pip install -q -e ".[${EXTRAS:-test}]" 2>&1 | grep -v '^WARNING: Location' || true
+constraints=${CONSTRAINTS-constraints.txt}  # the versions CI last passed with; CONSTRAINTS= for the newest
+# shellcheck disable=SC2086
+python -m pip install -q ${constraints:+-c "$constraints"} -e ".[${EXTRAS:-test}]" 2>&1 | grep -v '^WARNING: Location' || true
 python -c "import torch, diffusers, peft, transformers" || { echo "setup failed: see pip's output above" >&2; exit 1; }
