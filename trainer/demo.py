@@ -67,7 +67,7 @@ def comparison_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
 ONE_STEP = ["student.timesteps=1"]  # DMD2's 1-step recipe (pure noise in, read at t = 399) on top of demo.yaml
 
 
-def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), eval_images: int = 500) -> Path:
+def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), eval_images: int = 1000) -> Path:
     """Train the 4-step student (the demo's LoRA, in ``out_dir``) and a 1-step student (in ``out_dir/run-1step/``),
     then compare both with the teacher; returns the 4-step LoRA."""
     from trainer.models.loading import load_sdxl

@@ -8,7 +8,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an option of the demo config (trainer/toy/demo.yaml), e.g. --set steps=200")
-    parser.add_argument("--eval-images", type=int, default=500, help="images per row for the report's metrics")
+    parser.add_argument("--eval-images", type=int, default=1000,
+                        help="images per row for the report's metrics (default 1,000, as the quality table)")
 
 
 def run(args) -> int:
