@@ -330,12 +330,10 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
         cond = Conditioning.cat([data.validation_cond] * len(cfg.validation.seeds))
         model.vae.to(device)
         if not teacher_row:  # the teacher does not change: sample it once
-            with roles.adapters_off():
-                lat = gen.sample_teacher(gen.unet_call(roles.unet), schedule, cond, data.validation_uncond.index([0] * len(cond)),
-                                         cfg.validation.teacher_steps, cfg.validation.teacher_cfg, seeds, latent_shape, device=device, dtype=weight_dtype)
+            lat = gen.sample_teacher(roles.teacher, schedule, cond, data.validation_uncond.index([0] * len(cond)),
+                                     cfg.validation.teacher_steps, cfg.validation.teacher_cfg, seeds, latent_shape, device=device, dtype=weight_dtype)
             teacher_row.extend(gen.to_pil(decode(lat)))
-        roles._activate(STUDENT)
-        lat = gen.sample_student(gen.unet_call(roles.unet), schedule, cond, cfg.student.timesteps, seeds, latent_shape, device=device, dtype=weight_dtype)
+        lat = gen.sample_student(roles.student, schedule, cond, cfg.student.timesteps, seeds, latent_shape, device=device, dtype=weight_dtype)
         student_row = gen.to_pil(decode(lat))
         model.vae.to("cpu")
         gen.save_png_atomic(gen.grid([teacher_row, student_row]), out / "validation" / f"step-{step:08d}.png")
