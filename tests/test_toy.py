@@ -226,3 +226,17 @@ def test_train_teacher_writes_a_v_prediction_teacher_the_loader_detects(tmp_path
         refused = subprocess.run([sys.executable, str(script), "--zero-terminal-snr", "--out", str(tmp_path / "eps")], capture_output=True,
                                  text=True, timeout=300)
         assert refused.returncode != 0 and "needs --prediction-type v_prediction" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_demo_refuses_too_few_evaluation_images_before_training(tmp_path):
+    """Fewer than two images of each digit leave diversity undefined: a one-line usage error, and nothing written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    for value, says in (("10", "use at least 20"), ("many", "not a whole number")):
+        result = subprocess.run([sys.executable, "-m", "trainer", "demo", "--out", str(out), "--eval-images", value],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert says in result.stderr.strip().splitlines()[-1]
+    assert not out.exists()

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.toy.digits import load_digits_32, to_uint8_grid  # noqa: E402
-from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
+from trainer.toy.evaluate import ToyEvaluator, images_per_row  # noqa: E402
 from trainer.generate import decode  # noqa: E402
 from trainer.toy.teacher import balanced_digits, load_toy_teacher, sample_teacher  # noqa: E402
 
@@ -48,7 +48,7 @@ def reference_rows(model, evaluator, n: int, seed: int):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=images_per_row, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated steps:cfg pairs")
     p.add_argument("--batch-size", type=int, default=250)

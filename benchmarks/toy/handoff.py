@@ -30,6 +30,7 @@ from trainer import sampling  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
+from trainer.toy.evaluate import images_per_row  # noqa: E402
 from trainer.toy.rows import sample_digits  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 from make_table import load_evaluators, seed_list  # noqa: E402
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=1.5, help="the teacher's CFG (the table's best 50-step row: 1.5)")
     p.add_argument("--teacher-steps", type=int, default=50, help="the teacher's Euler grid")
     p.add_argument("--seeds", type=seed_list, default=(0,), metavar="S,S,...", help="sampling seeds")
-    p.add_argument("--n", type=int, default=1000, help="images per row and seed (digits 0-9 in turn)")
+    p.add_argument("--n", type=images_per_row, default=1000, help="images per row and seed (digits 0-9 in turn)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
     try:

@@ -39,7 +39,7 @@ from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import read_lora, with_lora  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
-from trainer.toy.evaluate import ToyEvaluator  # noqa: E402
+from trainer.toy.evaluate import ToyEvaluator, images_per_row  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 
@@ -150,7 +150,7 @@ def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1000, help="images per row (digits 0-9 cycled)")
+    p.add_argument("--n", type=images_per_row, default=1000, help="images per row (digits 0-9 cycled)")
     p.add_argument("--seeds", type=seed_list, default=SEEDS, metavar="S,S,...", help="sampling seeds; a row's numbers "
                    "are the means over them (default: " + ",".join(map(str, SEEDS)) + ")")
     p.add_argument("--steps", type=int, default=None, help="training iterations per student (default: demo.yaml's, as "

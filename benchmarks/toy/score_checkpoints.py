@@ -32,6 +32,7 @@ from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import lora_from_checkpoint, merge_into_unet  # noqa: E402
 from trainer.generate import place  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
+from trainer.toy.evaluate import images_per_row  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 from make_table import SECOND_OPINION_NAMES, load_evaluators, seed_list  # noqa: E402
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-step", type=int, default=0, help="score only checkpoints at this step or later")
     p.add_argument("--every", type=int, default=1, help="score only checkpoints whose step is a multiple of this")
     p.add_argument("--seeds", type=seed_list, default=(0,), metavar="S,S,...", help="sampling seeds (the table uses 0,1,2)")
-    p.add_argument("--n", type=int, default=1000, help="images per checkpoint and seed (the table uses 1,000)")
+    p.add_argument("--n", type=images_per_row, default=1000, help="images per checkpoint and seed (the table uses 1,000)")
     p.add_argument("--device", default="cpu", help="where to sample (training picks CUDA when there is one)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)

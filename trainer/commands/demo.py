@@ -8,8 +8,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an option of the demo config (trainer/toy/demo.yaml), e.g. --set steps=200")
-    parser.add_argument("--eval-images", type=int, default=1000,
+    parser.add_argument("--eval-images", type=_images_per_row, default=1000,
                         help="images per row for the report's metrics (default 1,000, as the quality table)")
+
+
+def _images_per_row(text: str) -> int:
+    from trainer.toy.evaluate import images_per_row  # imported here: the command modules load without torch
+
+    return images_per_row(text)
 
 
 def run(args) -> int:

@@ -99,6 +99,23 @@ def _load_classifier(weights: Path | None = None) -> DigitClassifier:
     return model.eval().requires_grad_(False)
 
 
+MIN_IMAGES_PER_ROW = 2 * NUM_DIGITS  # digits cycle 0-9, and diversity needs two images of each
+
+
+def images_per_row(text: str) -> int:
+    """argparse type for a row's image count (digits 0-9 cycled): at least two of each digit, or diversity is undefined."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of images, e.g. 1000") from None
+    if n < MIN_IMAGES_PER_ROW:
+        raise argparse.ArgumentTypeError(f"{n} images per row is too few: use at least {MIN_IMAGES_PER_ROW} (two of each digit; "
+                                         "the table uses 1000)")
+    return n
+
+
 class ToyEvaluator:
     def __init__(self, classifier: DigitClassifier, batch_size: int = 500):
         self.classifier = classifier.eval().requires_grad_(False)
