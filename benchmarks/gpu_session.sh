@@ -4,7 +4,8 @@
 # device tool (carry .bench/, which holds the diffusers wheel and a copy of the naive reference).
 #
 #   bash benchmarks/gpu_session.sh            # train_cycle (all presets + naive reference), inference, inference --compile
-#   STAGES=train bash benchmarks/gpu_session.sh   # only some stages: train | infer | compile (DEADLINE=560 s in all)
+#   STAGES=train bash benchmarks/gpu_session.sh   # only some stages: train | infer | compile | options (DEADLINE=560 s in all)
+#   PRESETS=12gb,80gb STAGES=train ...          # the train stage on some presets only (default: all three)
 #   SHAPE=tiny bash benchmarks/gpu_session.sh     # dry run of the whole script on a CPU
 #
 # Results go to $OUT (the device tool's return folder; benchmarks/out when unset): RESULTS-gpu.md (the sections to
@@ -50,7 +51,8 @@ stage() {  # stage NAME CAP_SECONDS ARGS...
 status=0
 for s in $STAGES; do
   case $s in
-    train)    stage train_cycle 300 benchmarks/train_cycle.py --cycles 2 ;;   # 3 presets + naive with/without checkpointing
+    train)    stage train_cycle 300 benchmarks/train_cycle.py --cycles 2 --presets "${PRESETS:-12gb,24gb,80gb}" ;;  # + naive with/without checkpointing
+    options)  stage train_options 150 benchmarks/train_cycle.py --cycles 2 --presets 80gb,12gb --no-reference --set dmd.critic_per_step=true ;;
     infer)    stage inference 90 benchmarks/inference.py --runs 3 ;;            # eager student vs teacher
     compile)  stage inference_compile 400 benchmarks/inference.py --runs 3 --compile ;;  # + torch.compile (CUDA graphs)
     *) echo "unknown stage $s" >&2; status=2 ;;

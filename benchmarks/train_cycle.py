@@ -62,7 +62,7 @@ def run_reference(path: Path, shape: str, res: int, batch: int, rank: int, cycle
     return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
-def run_preset(preset: str, shape: str, res: int, batch: int, rank: int, cycles: int, device, dtype) -> dict:
+def run_preset(preset: str, shape: str, res: int, batch: int, rank: int, cycles: int, device, dtype, overrides=()) -> dict:
     from trainer.config import load_config
     from trainer.memory import resolve
     from trainer.prepare import RealData
@@ -70,7 +70,8 @@ def run_preset(preset: str, shape: str, res: int, batch: int, rank: int, cycles:
     from trainer.train import build_training, train_iteration
 
     cfg = load_config(base={"model": "random", "prompts": "random", "resolution": res, "batch_size": batch, "memory": preset, "seed": 0,
-                            "lora": {"rank": rank, "alpha": 8}, "student": {"update_every": 5}, "gan": {"real_data": "teacher"}})
+                            "lora": {"rank": rank, "alpha": 8}, "student": {"update_every": 5}, "gan": {"real_data": "teacher"}},
+                      overrides=list(overrides))
     unet = sh.build_unet(shape, device, dtype)
     sh.free(device)  # the fp32 -> bf16 cast at build time is not training memory: peaks count from here
     latent = (unet.config.in_channels, res // 8, res // 8)
@@ -117,6 +118,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--results", default=str(sh.REPO / "benchmarks" / "RESULTS.md"), help="markdown file to append to ('' = none)")
     ap.add_argument("--allow-cpu", action="store_true", help="run the SDXL shape without a GPU (very slow)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a trainer option for every preset, as `dmd2 train --set` (e.g. dmd.critic_per_step=true)")
     a = ap.parse_args(argv)
     device, dtype, name = sh.device_and_dtype()
     if a.shape == "sdxl" and device.type != "cuda" and not a.allow_cpu:
@@ -126,11 +129,11 @@ def main(argv=None) -> dict:
 
     default = resolve("auto", device, batch_size=a.batch).preset
     record = {"benchmark": "train_cycle", "device": name, "shape": a.shape, "res": res, "batch": a.batch, "rank": a.rank,
-              "torch": torch.__version__, "default_preset": default, "presets": {}, "reference": {}}
+              "torch": torch.__version__, "default_preset": default, "overrides": a.overrides, "presets": {}, "reference": {}}
     errors = record["errors"] = {}
     for preset in [p for p in a.presets.split(",") if p]:
         try:  # one failing configuration (an optimiser kernel, memory) must not take the others' numbers with it
-            record["presets"][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype)
+            record["presets"][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype, a.overrides)
         except Exception as e:  # noqa: BLE001
             errors[preset] = f"{type(e).__name__}: {e}"[:500]
         if preset in errors:  # freed only here: inside `except`, the traceback still holds the failed run's tensors
@@ -168,7 +171,8 @@ def main(argv=None) -> dict:
     if device.type != "cuda":
         record["note"] = "CPU run: checks that the benchmark works; timings and targets are meaningful on a GPU only"
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [f"ours {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB, checkpointing {v['gradient_checkpointing']}, {v['optimizer']}"
+    lines = [f"options: {' '.join(a.overrides)}"] if a.overrides else []
+    lines += [f"ours {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB, checkpointing {v['gradient_checkpointing']}, {v['optimizer']}"
              for k, v in presets.items()]
     lines += [f"naive {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB" for k, v in refs.items()]
     lines += [f"{k}: {v:.3f}" for k, v in ratios.items()] + [f"target {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]

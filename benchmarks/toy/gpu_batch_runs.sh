@@ -8,6 +8,7 @@
 #   run(command="ONLY='4s-b1024-s0 1s-b1024-s0' TRAIN_END=430 END=560 bash ...", ...)   # two of the runs, longer
 #   DRY=1 PYTHON=.venv/bin/python bash benchmarks/toy/gpu_batch_runs.sh   # the same on a CPU, tiny, in about a minute
 #   PROFILE=window ...   # point 38: batch 256, 1,200 iterations, DMD2's DMD window against dmd.t_below_step, seeds 0-1
+#   PROFILE=gan ...      # point 44: batch 256, 1,200 iterations, GAN weights 1.0 / 0.2 and 3.0 / 0.6, seeds 0-1
 #
 # Everything (logs, scores.jsonl per run, the final LoRAs) comes back as one $OUT/results.tgz: the device tool returns
 # only a few files per call. A second call while the machine is still warm resumes the runs (and their logs and scores)
@@ -38,6 +39,9 @@ if [ "${DRY:-0}" = 1 ]; then
   if [ "${PROFILE:-}" = window ]; then  # the window profile's pair in miniature
     declare -A SETS=([4s-b8-s0]="batch_size=8 micro_batch_size=8 seed=0" [4s-b8w-s0]="batch_size=8 micro_batch_size=8 seed=0 dmd.t_below_step=true")
     declare -A MIN=([4s-b8-s0]=10 [4s-b8w-s0]=10)
+  elif [ "${PROFILE:-}" = gan ]; then  # the gan profile's stronger GAN in miniature
+    declare -A SETS=([4s-b8g1-s0]="batch_size=8 micro_batch_size=8 seed=0 gan.student_weight=1.0 gan.critic_weight=0.2")
+    declare -A MIN=([4s-b8g1-s0]=10)
   fi
 elif [ "${PROFILE:-}" = window ]; then
   DEVICE=cuda; export OMP_NUM_THREADS=3
@@ -45,6 +49,14 @@ elif [ "${PROFILE:-}" = window ]; then
   declare -A SETS=([4s-b256-s0]="seed=0" [4s-b256-s1]="seed=1"
                    [4s-b256w-s0]="seed=0 dmd.t_below_step=true" [4s-b256w-s1]="seed=1 dmd.t_below_step=true")
   declare -A MIN=([4s-b256-s0]=600 [4s-b256-s1]=600 [4s-b256w-s0]=600 [4s-b256w-s1]=600); LATE=1000; FIRST=200
+elif [ "${PROFILE:-}" = gan ]; then
+  DEVICE=cuda; export OMP_NUM_THREADS=3
+  COMMON="mixed_precision=no checkpoint_every=100 steps=1200 batch_size=256 micro_batch_size=256"
+  declare -A SETS=([4s-b256g1-s0]="seed=0 gan.student_weight=1.0 gan.critic_weight=0.2"
+                   [4s-b256g1-s1]="seed=1 gan.student_weight=1.0 gan.critic_weight=0.2"
+                   [4s-b256g3-s0]="seed=0 gan.student_weight=3.0 gan.critic_weight=0.6"
+                   [4s-b256g3-s1]="seed=1 gan.student_weight=3.0 gan.critic_weight=0.6")
+  declare -A MIN=([4s-b256g1-s0]=600 [4s-b256g1-s1]=600 [4s-b256g3-s0]=600 [4s-b256g3-s1]=600); LATE=1000; FIRST=200
 else
   DEVICE=cuda; export OMP_NUM_THREADS=3
   # steps=4000: the deadline ends the runs (the learning rate is constant, so the trajectory does not depend on steps)
