@@ -52,7 +52,7 @@ status=0
 for s in $STAGES; do
   case $s in
     train)    stage train_cycle 300 benchmarks/train_cycle.py --cycles 2 --presets "${PRESETS:-12gb,24gb,80gb}" ;;  # + naive with/without checkpointing
-    options)  stage train_options 150 benchmarks/train_cycle.py --cycles 2 --presets 80gb,12gb --no-reference --set dmd.critic_per_step=true ;;
+    options)  stage train_options 240 benchmarks/train_cycle.py --cycles 2 --presets 80gb,12gb --no-reference --against-default --set dmd.critic_per_step=true ;;
     infer)    stage inference 90 benchmarks/inference.py --runs 3 ;;            # eager student vs teacher
     compile)  stage inference_compile 400 benchmarks/inference.py --runs 3 --compile ;;  # + torch.compile (CUDA graphs)
     *) echo "unknown stage $s" >&2; status=2 ;;

@@ -120,6 +120,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--allow-cpu", action="store_true", help="run the SDXL shape without a GPU (very slow)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a trainer option for every preset, as `dmd2 train --set` (e.g. dmd.critic_per_step=true)")
+    ap.add_argument("--against-default", action="store_true",
+                    help="with --set: also time each preset without the options, in this process, and report the ratios")
     a = ap.parse_args(argv)
     device, dtype, name = sh.device_and_dtype()
     if a.shape == "sdxl" and device.type != "cuda" and not a.allow_cpu:
@@ -131,16 +133,23 @@ def main(argv=None) -> dict:
     record = {"benchmark": "train_cycle", "device": name, "shape": a.shape, "res": res, "batch": a.batch, "rank": a.rank,
               "torch": torch.__version__, "default_preset": default, "overrides": a.overrides, "presets": {}, "reference": {}}
     errors = record["errors"] = {}
-    for preset in [p for p in a.presets.split(",") if p]:
+    # (name, record section, options): with --against-default each preset also runs without the options, in this
+    # process, so that their cost is a ratio of two timings taken side by side
+    configs = [(preset, "presets", a.overrides) for preset in a.presets.split(",") if preset]
+    if a.against_default and a.overrides:
+        record["without_options"] = {}
+        configs = [c for preset, key, opts in configs for c in ((f"{preset} without options", "without_options", []), (f"{preset} with options", key, opts))]
+    for label, section, overrides in configs:
+        preset = label.split()[0]
         try:  # one failing configuration (an optimiser kernel, memory) must not take the others' numbers with it
-            record["presets"][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype, a.overrides)
+            record[section][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype, overrides)
         except Exception as e:  # noqa: BLE001
-            errors[preset] = f"{type(e).__name__}: {e}"[:500]
-        if preset in errors:  # freed only here: inside `except`, the traceback still holds the failed run's tensors
+            errors[label] = f"{type(e).__name__}: {e}"[:500]
+        if label in errors:  # freed only here: inside `except`, the traceback still holds the failed run's tensors
             sh.free(device)
-            print(f"ours {preset}: FAILED {errors[preset]}", flush=True)
+            print(f"ours {label}: FAILED {errors[label]}", flush=True)
             continue
-        print(f"ours {preset}: {r['cycle_s']:.3f} s/cycle, peak {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} GiB "
+        print(f"ours {label}: {r['cycle_s']:.3f} s/cycle, peak {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)} GiB "
               f"(checkpointing {r['gradient_checkpointing']}, {r['optimizer']})", flush=True)
     ref = None if a.no_reference else find_reference(a.reference)
     if ref is None and not a.no_reference:
@@ -167,13 +176,18 @@ def main(argv=None) -> dict:
         targets["12gb_le_naive_ckpt"] = ratios["12gb_vs_naive_ckpt"] <= 1.0
     if "12gb" in presets and presets["12gb"]["peak_gb"] is not None:
         targets["12gb_peak_le_12"] = presets["12gb"]["peak_gb"] <= 12.0
+    for preset, base in record.get("without_options", {}).items():
+        if preset in presets:
+            ratios[f"{preset}_options_vs_without"] = presets[preset]["cycle_s"] / base["cycle_s"]
+            if base["peak_gb"] is not None:
+                ratios[f"{preset}_options_extra_peak_gb"] = presets[preset]["peak_gb"] - base["peak_gb"]
     record["ratios"], record["targets_met"] = ratios, targets
     if device.type != "cuda":
         record["note"] = "CPU run: checks that the benchmark works; timings and targets are meaningful on a GPU only"
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [f"options: {' '.join(a.overrides)}"] if a.overrides else []
-    lines += [f"ours {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB, checkpointing {v['gradient_checkpointing']}, {v['optimizer']}"
-             for k, v in presets.items()]
+    lines += [f"ours {k}{suffix}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB, checkpointing {v['gradient_checkpointing']}, {v['optimizer']}"
+              for section, suffix in (("without_options", " without options"), ("presets", "")) for k, v in record.get(section, {}).items()]
     lines += [f"naive {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB" for k, v in refs.items()]
     lines += [f"{k}: {v:.3f}" for k, v in ratios.items()] + [f"target {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
     lines += [f"FAILED {k}: {v}" for k, v in errors.items()]

@@ -53,16 +53,19 @@ def test_train_cycle_records_a_failing_configuration_and_runs_the_others(tmp_pat
 
 def test_train_cycle_passes_trainer_options_to_every_preset(tmp_path):
     """`--set` reaches the trainer's config (an unknown key fails each preset with the config's own message), and a
-    valid option runs and is recorded with the numbers."""
+    valid option runs, is recorded with the numbers and, with --against-default, is timed against the preset without it."""
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_cycle.py"), "--shape", "tiny", "--cycles", "1", "--rank", "8",
                           "--presets", "12gb,80gb", "--no-reference", "--results", "", "--set", "dmd.no_such_option=1"],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO)
     errors = json.loads(bad.stdout.strip().splitlines()[-1])["errors"]
     assert bad.returncode == 1 and set(errors) == {"12gb", "80gb"} and all("no_such_option" in e for e in errors.values())
-    record = _bench("train_cycle.py", "--cycles", "1", "--rank", "8", "--presets", "80gb", "--no-reference",
+    record = _bench("train_cycle.py", "--cycles", "1", "--rank", "8", "--presets", "80gb", "--no-reference", "--against-default",
                     "--set", "dmd.critic_per_step=true", results=tmp_path / "RESULTS.md")
-    assert record["overrides"] == ["dmd.critic_per_step=true"] and record["presets"]["80gb"]["losses_finite"]
-    assert "options: dmd.critic_per_step=true" in (tmp_path / "RESULTS.md").read_text()
+    assert record["overrides"] == ["dmd.critic_per_step=true"] and record["errors"] == {}
+    assert record["presets"]["80gb"]["losses_finite"] and record["without_options"]["80gb"]["losses_finite"]
+    assert set(record["ratios"]) == {"80gb_options_vs_without"} and record["ratios"]["80gb_options_vs_without"] > 0  # no peak on a CPU
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "options: dmd.critic_per_step=true" in text and "ours 80gb without options:" in text
 
 
 def test_inference_tiny(tmp_path):
