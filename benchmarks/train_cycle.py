@@ -123,6 +123,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--against-default", action="store_true",
                     help="with --set: also time each preset without the options, in this process, and report the ratios")
     a = ap.parse_args(argv)
+    if a.against_default and not a.overrides:
+        ap.error("--against-default compares each preset with and without the --set options: pass --set KEY=VALUE too")
     device, dtype, name = sh.device_and_dtype()
     if a.shape == "sdxl" and device.type != "cuda" and not a.allow_cpu:
         ap.error("the SDXL shape needs a CUDA GPU (use --shape tiny on a CPU)")
@@ -187,7 +189,8 @@ def main(argv=None) -> dict:
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [f"options: {' '.join(a.overrides)}"] if a.overrides else []
     lines += [f"ours {k}{suffix}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB, checkpointing {v['gradient_checkpointing']}, {v['optimizer']}"
-              for section, suffix in (("without_options", " without options"), ("presets", "")) for k, v in record.get(section, {}).items()]
+              for section, suffix in (("without_options", " without options"), ("presets", " with options" if a.overrides else ""))
+              for k, v in record.get(section, {}).items()]
     lines += [f"naive {k}: {v['cycle_s']:.3f} s/cycle, peak {gib(v['peak_gb'])} GiB" for k, v in refs.items()]
     lines += [f"{k}: {v:.3f}" for k, v in ratios.items()] + [f"target {k}: {'met' if v else 'NOT met'}" for k, v in targets.items()]
     lines += [f"FAILED {k}: {v}" for k, v in errors.items()]

@@ -65,7 +65,10 @@ def test_train_cycle_passes_trainer_options_to_every_preset(tmp_path):
     assert record["presets"]["80gb"]["losses_finite"] and record["without_options"]["80gb"]["losses_finite"]
     assert set(record["ratios"]) == {"80gb_options_vs_without"} and record["ratios"]["80gb_options_vs_without"] > 0  # no peak on a CPU
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "options: dmd.critic_per_step=true" in text and "ours 80gb without options:" in text
+    assert "options: dmd.critic_per_step=true" in text and "ours 80gb without options:" in text and "ours 80gb with options:" in text
+    alone = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_cycle.py"), "--shape", "tiny", "--against-default"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert alone.returncode == 2 and "pass --set KEY=VALUE too" in alone.stderr.strip().splitlines()[-1]
 
 
 def test_inference_tiny(tmp_path):
