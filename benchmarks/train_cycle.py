@@ -135,14 +135,15 @@ def main(argv=None) -> dict:
     record = {"benchmark": "train_cycle", "device": name, "shape": a.shape, "res": res, "batch": a.batch, "rank": a.rank,
               "torch": torch.__version__, "default_preset": default, "overrides": a.overrides, "presets": {}, "reference": {}}
     errors = record["errors"] = {}
-    # (name, record section, options): with --against-default each preset also runs without the options, in this
-    # process, so that their cost is a ratio of two timings taken side by side
-    configs = [(preset, "presets", a.overrides) for preset in a.presets.split(",") if preset]
-    if a.against_default and a.overrides:
+    # (preset, label, record section, options): with --against-default each preset also runs without the options, in
+    # this process, so that their cost is a ratio of two timings taken side by side
+    presets_asked = [p for p in a.presets.split(",") if p]
+    configs = [(p, p, "presets", a.overrides) for p in presets_asked]
+    if a.against_default:
         record["without_options"] = {}
-        configs = [c for preset, key, opts in configs for c in ((f"{preset} without options", "without_options", []), (f"{preset} with options", key, opts))]
-    for label, section, overrides in configs:
-        preset = label.split()[0]
+        configs = [c for p in presets_asked
+                   for c in ((p, f"{p} without options", "without_options", []), (p, f"{p} with options", "presets", a.overrides))]
+    for preset, label, section, overrides in configs:
         try:  # one failing configuration (an optimiser kernel, memory) must not take the others' numbers with it
             record[section][preset] = r = run_preset(preset, a.shape, res, a.batch, a.rank, a.cycles, device, dtype, overrides)
         except Exception as e:  # noqa: BLE001
