@@ -140,11 +140,11 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
     with safe_open(lora, "pt") as f:
         assert json.loads(f.metadata()["dmd2.timesteps"]) == [999, 749, 499, 249]
     assert sorted(out.glob("*.safetensors")) == [lora]  # the demo's LoRA is the one at the top
-    # the 1-step student, trained side by side in a second process (2+ threads) with DMD2's 1-step recipe
+    # the 1-step student, trained side by side in a second process (2+ threads): pure noise read at t = 599
     one_step = sorted((out / "run-1step").glob("dmd2_*_lora.safetensors"))
     assert len(one_step) == 1 and "1step" in one_step[0].name
     with safe_open(one_step[0], "pt") as f:
-        assert json.loads(f.metadata()["dmd2.timesteps"]) == [399]
+        assert json.loads(f.metadata()["dmd2.timesteps"]) == [599]
     rows = json.loads((out / "results.json").read_text())
     assert [(r["name"], r["steps"]) for r in rows] == [("teacher, 50 steps", 50), ("teacher, 4 steps", 4), ("student, 4 steps", 4),
                                                        ("student, 1 step", 1), ("teacher, 1 step", 1)]

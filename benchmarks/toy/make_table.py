@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
-from trainer.demo import demo_config_path, last_error, start_logged, write_demo_data  # noqa: E402
+from trainer.demo import ONE_STEP, demo_config_path, last_error, start_logged, write_demo_data  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import read_lora, with_lora  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
@@ -62,7 +62,7 @@ STUDENTS = {
     # DMD2 trains its 1-step generators far longer than its few-step ones. Here the 1-step student improves until 3x the
     # demo's iterations and is flat after (critic LR 1e-3: FID 3.94 / 2.76 / 1.97 at 1,200 / 2,400 / 3,600, 1.7-2.0 up
     # to 7,200; NOTES.md). `--steps` wins.
-    "student-1": ("student 1-step", 1, ["student.timesteps=1", "steps=3600", "checkpoint_every=1200"]),
+    "student-1": ("student 1-step", 1, [*ONE_STEP, "steps=3600", "checkpoint_every=1200"]),  # the demo's 1-step recipe
     "no-gan": ("4-step, without GAN loss", 4, ["gan.real_data=none"]),
     "no-backsim": ("4-step, without backward simulation", 4, ["student.backward_simulation=false"]),
     # A whole UNet copy learns faster than a LoRA at the same LR: at demo.yaml's 2e-3 the full critic collapses the
