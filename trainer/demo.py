@@ -66,7 +66,7 @@ def comparison_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
 
 # The 1-step student on top of demo.yaml: DMD2's 1-step recipe (pure noise in, one step), with the noise read at
 # t = 599 rather than DMD2's 399. On the small teachers 599 trains faster and ends level or far better (NOTES.md
-# points 13 and 51); the LoRA records it, so `dmd2 generate` and the nodes' "from LoRA" choice sample it there.
+# points 13, 51 and 52); the LoRA records it, so `dmd2 generate` and the nodes' "from LoRA" choice sample it there.
 ONE_STEP = ["student.timesteps=[599]"]
 
 

@@ -60,8 +60,8 @@ STUDENTS = {
     "student-4": ("student 4-step", 4, []),
     "student-2": ("student 2-step", 2, ["student.timesteps=2"]),
     # DMD2 trains its 1-step generators far longer than its few-step ones. Here the 1-step student (the demo's recipe)
-    # gets 6x the demo's iterations: on the bundled teacher it is about flat after 3x, on the weaker second teacher it
-    # improves up to 6x (3.6 -> 7.2k: FID 5.24 -> 3.02 and 4.63 -> 2.50 at two seeds; NOTES.md point 53). `--steps` wins.
+    # gets 6x the demo's iterations: from 3x to 6x it still improves on both toy teachers (bundled, three seeds: mean
+    # FID 1.63 -> 1.27; second teacher, two seeds: 5.24 -> 3.02, 4.63 -> 2.50; NOTES.md points 53-54). `--steps` wins.
     "student-1": ("student 1-step", 1, [*ONE_STEP, "steps=7200", "checkpoint_every=1200"]),
     "no-gan": ("4-step, without GAN loss", 4, ["gan.real_data=none"]),
     "no-backsim": ("4-step, without backward simulation", 4, ["student.backward_simulation=false"]),
