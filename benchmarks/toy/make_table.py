@@ -62,8 +62,8 @@ STUDENTS = {
     # DMD2 trains its 1-step generators far longer than its few-step ones. Here the 1-step student (the demo's recipe)
     # gets 6x the demo's iterations: from 3x to 6x it still improves on both toy teachers (bundled, three seeds: mean
     # FID 1.63 -> 1.27; second teacher, two seeds: 5.24 -> 3.02, 4.63 -> 2.50; NOTES.md points 53-54). At 9x the bundled
-    # one is level (1.25 over three seeds) while the second teacher's, already past its target, still gains (2.26): 6x stays (point 55).
-    # `--steps` wins.
+    # one is level (1.25 over three seeds), and the second teacher's, already past its target, still gains (2.26), so
+    # 6x stays (point 55). `--steps` wins.
     "student-1": ("student 1-step", 1, [*ONE_STEP, "steps=7200", "checkpoint_every=1200"]),
     "no-gan": ("4-step, without GAN loss", 4, ["gan.real_data=none"]),
     "no-backsim": ("4-step, without backward simulation", 4, ["student.backward_simulation=false"]),
