@@ -114,6 +114,8 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     loras = sorted((tmp_path / "work").glob("*/dmd2_*_lora.safetensors"))
     assert len(loras) == 6
     assert all(yaml.safe_load((lora.parent / "config.yaml").read_text())["resolution"] == 64 for lora in loras)
+    one_step = yaml.safe_load((tmp_path / "work" / "student-1" / "config.yaml").read_text())
+    assert one_step["steps"] == 2 and one_step["student"]["average_from"] == 1  # --steps wins; the mean keeps its share
     for lora in loras:
         with safe_open(lora, "pt") as f:
             assert f.metadata()["dmd2.teacher_hash"] == content_hash(tiny_sdxl_folder)

@@ -267,6 +267,49 @@ def test_critic_x0_high_noise_loss_replaces_the_target_loss(tmp_path, data_dir, 
         load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", **{"dmd.critic_loss": "v"})).validate()
 
 
+def test_student_average_is_the_mean_of_its_updates_exported_and_resumed_exactly(tmp_path, data_dir, tiny_sdxl_file):
+    """student.average_from=4 in 8 iterations (student updates at 0, 2, 4, 6): the LoRA is the mean of the
+    student's weights after its updates at iterations 4 and 6, checkpoints carry it, and a resume reproduces it."""
+    import shutil
+
+    from trainer.config import ConfigError
+    from trainer.export import lora_from_checkpoint
+
+    cfg = _config(data_dir, tiny_sdxl_file, tmp_path / "straight", steps=8, checkpoint_every=1, keep_checkpoints=100,
+                  **{"student.average_from": 4})
+    lora = train(load_config(base=cfg))
+    ckpt = lambda run, step: tmp_path / run / "checkpoints" / f"step-{step:08d}"  # noqa: E731
+    after_4, after_6 = (load_file(ckpt("straight", step) / "student.safetensors") for step in (5, 7))
+    mean = load_file(ckpt("straight", 8) / "student_average.safetensors")
+    assert mean.keys() == after_4.keys() and any(not torch.equal(after_4[k], after_6[k]) for k in mean)
+    for k in mean:
+        torch.testing.assert_close(mean[k], (after_4[k] + after_6[k]) / 2, rtol=1e-6, atol=1e-7)
+    assert not (ckpt("straight", 4) / "student_average.safetensors").exists()  # the window starts at iteration 4
+    info = json.loads((ckpt("straight", 6) / "state.json").read_text())
+    assert info["student_average"] == {"start": 4, "count": 1}
+    # the exported LoRA is the mean, as `dmd2 export --run` converts the last checkpoint
+    tensors, meta = lora_from_checkpoint(ckpt("straight", 8))
+    exported = load_file(lora)
+    assert tensors.keys() == exported.keys() and all(torch.equal(tensors[k], exported[k]) for k in tensors)
+    with safe_open(lora, "pt") as f:
+        assert f.metadata()["dmd2.average"] == meta["dmd2.average"] == "mean of the student's weights after each of its 2 updates from iteration 4"
+    so_far = load_file(ckpt("straight", 6) / "student_average.safetensors")  # a checkpoint holds the mean so far
+    assert all(torch.equal(so_far[k], after_4[k]) for k in so_far)
+    early, _ = lora_from_checkpoint(ckpt("straight", 6))
+    assert any(not torch.equal(early[k], exported[k]) for k in early if k.endswith("weight"))
+    # resumed from inside the window, the run ends with the same mean to the bit
+    shutil.copytree(ckpt("straight", 6), ckpt("resumed", 6))
+    train(load_config(base=cfg, overrides=[f"output_dir={tmp_path / 'resumed'}"]), resume="latest")
+    resumed = load_file(ckpt("resumed", 8) / "student_average.safetensors")
+    assert all(torch.equal(resumed[k], mean[k]) for k in mean)
+    # a config whose window starts elsewhere cannot continue that mean: one line says what to do
+    shutil.copytree(ckpt("straight", 7), ckpt("other", 7))
+    with pytest.raises(ConfigError, match=r"lacks the mean of the student's 1 updates from student.average_from=6: resume"):
+        train(load_config(base=cfg, overrides=[f"output_dir={tmp_path / 'other'}", "student.average_from=6"]), resume="latest")
+    with pytest.raises(ConfigError, match=r"student.average_from must be an iteration in \[0, steps=8\)"):
+        load_config(base={**cfg, "student": {"average_from": 8}}).validate()
+
+
 def test_lr_schedule_factors():
     from trainer.train import _lr_lambda
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.checkpoint import STATE_FILE
 from trainer.errors import LoRAFormatError
+from trainer.weight_average import STEM as AVERAGE
 
 PREFIX = "lora_unet_"
 
@@ -71,15 +72,23 @@ def lora_from_checkpoint(checkpoint: str | Path, dtype: torch.dtype = torch.floa
     cfg, teacher = info["config"], info.get("teacher", {})
     alpha = cfg["lora"]["alpha"]
     tensors = {}
-    for key, value in load_file(checkpoint / "student.safetensors").items():  # <module>.lora_A.student.weight
+    # a run with student.average_from exports the mean of the student's weights, and so does its checkpoint
+    averaged = (checkpoint / f"{AVERAGE}.safetensors").is_file() and AVERAGE in info
+    for key, value in load_file(checkpoint / f"{AVERAGE if averaged else 'student'}.safetensors").items():  # <module>.lora_A.student.weight
         module, _, rest = key.partition(".lora_")
         base = PREFIX + module.replace(".", "_")
         tensors[f"{base}.lora_{'down' if rest.startswith('A') else 'up'}.weight"] = value.to(dtype)
         tensors[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     meta = recipe_metadata(timesteps=cfg["student"]["timesteps"], rank=cfg["lora"]["rank"], alpha=alpha,
                            training_steps=info["step"], teacher=teacher.get("name", cfg["model"]), teacher_hash=teacher.get("hash", ""),
-                           prediction_type=teacher.get("prediction_type", cfg.get("prediction_type") or "epsilon"))
+                           prediction_type=teacher.get("prediction_type", cfg.get("prediction_type") or "epsilon"),
+                           extra=average_metadata(info[AVERAGE]) if averaged else None)
     return tensors, meta
+
+
+def average_metadata(average: dict) -> dict[str, str]:
+    """Metadata for a LoRA that is the mean of the student's weights (``WeightAverage.info()``)."""
+    return {"dmd2.average": f"mean of the student's weights after each of its {average['count']} updates from iteration {average['start']}"}
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:

@@ -21,14 +21,15 @@ from trainer.checkpoint import find_checkpoint, load_checkpoint, rng_state, save
 from trainer.config import TrainConfig, dump_yaml, to_dict
 from trainer.distributed import sync_and_clip
 from trainer.dmd2 import DMD2Settings, Losses, StepRandomness, critic_losses, student_input, student_losses
-from trainer.errors import TrainingDivergedError
-from trainer.export import kohya_state_dict, recipe_metadata, save_safetensors_atomic
+from trainer.errors import ConfigError, TrainingDivergedError
+from trainer.export import average_metadata, kohya_state_dict, recipe_metadata, save_safetensors_atomic
 from trainer.memory import MemoryPlan, enable_gradient_checkpointing, make_optimizer, resolve as resolve_memory
 from trainer.models.gan_head import GANHead
 from trainer.models.roles import CRITIC, STUDENT, Conditioning, DMD2Roles
 from trainer.objectives import timestep_range
 from trainer.prepare import PreparedData, RealData, prepare
 from trainer.schedule import output_to_x0
+from trainer.weight_average import STEM as AVERAGE, WeightAverage
 
 
 def step_seed(seed: int, step: int, rank: int | None) -> int:
@@ -277,16 +278,30 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
     roles, head = setup.roles, setup.head
     student_opt, critic_opt, student_sched, critic_sched = setup.student_opt, setup.critic_opt, setup.student_sched, setup.critic_sched
 
+    student_weights = {n: p for n, p in roles.unet.named_parameters() if f".{STUDENT}." in n}
+    average = WeightAverage(cfg.student.average_from) if cfg.student.average_from is not None else None
+
     def weights() -> dict:
-        w = {STUDENT: {n: p for n, p in roles.unet.named_parameters() if f".{STUDENT}." in n}}
+        w = {STUDENT: student_weights}
         w[CRITIC] = roles.critic_state()
         if head is not None:
             w["gan_head"] = head.state_dict()
+        if average is not None and average.count:
+            w[AVERAGE] = average.mean
         return w
 
     start = 0
     if resume_path is not None:
         saved, state, info = load_checkpoint(resume_path)
+        saved_average = saved.pop(AVERAGE, None)
+        # the student updates before this checkpoint that belong in the mean: the checkpoint must hold their mean
+        owed = 0 if average is None else sum(1 for k in range(average.start, info["step"]) if k % cfg.student.update_every == 0)
+        if owed:
+            if saved_average is None or info.get(AVERAGE) != {"start": average.start, "count": owed}:
+                raise ConfigError(f"checkpoint {resume_path} (step {info['step']}) lacks the mean of the student's {owed} updates from "
+                                  f"student.average_from={average.start}: resume from a checkpoint at or before that iteration, or "
+                                  "with the student.average_from the run began with")
+            average = WeightAverage(average.start, {k: v.to(device) for k, v in saved_average.items()}, owed)
         for stem, tensors in saved.items():
             target = {STUDENT: roles.unet, "gan_head": head}.get(stem, roles.full_critic if roles.full_critic is not None else roles.unet)
             missing = set(tensors) - set(target.state_dict())
@@ -310,7 +325,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
                  "student_sched": student_sched.state_dict(), "critic_sched": critic_sched.state_dict(), "rng": rng_state()}
         return save_checkpoint(out, step, weights=weights(), training_state=state,
                                info={"config": to_dict(cfg), "data_position": {"sampler": "per-step seeded", "next_step": step},
-                                     "teacher": {"name": model.name, "hash": model.content_hash, "prediction_type": schedule.prediction_type}},
+                                     "teacher": {"name": model.name, "hash": model.content_hash, "prediction_type": schedule.prediction_type},
+                                     **({AVERAGE: average.info()} if average is not None and average.count else {})},
                                keep=cfg.keep_checkpoints)
 
     if main:
@@ -344,6 +360,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
     with stop.installed():
         for step in bar:
             losses = train_iteration(setup, step)
+            if average is not None and step >= average.start and step % cfg.student.update_every == 0:
+                average.update(student_weights)  # this iteration updated the student
             if main:
                 accelerator.log(losses.values, step=step)
                 if time.time() - last_log > 0.5 or step == cfg.steps - 1:
@@ -373,8 +391,12 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
     accelerator.end_training()
     lora_path = out / f"dmd2_{_safe_name(model.name)}_{len(cfg.student.timesteps)}step_lora.safetensors"
     if main:
+        averaged = average is not None and average.count > 0
+        if averaged:
+            average.copy_into(student_weights)  # training is over: the LoRA is the mean
         meta = recipe_metadata(timesteps=cfg.student.timesteps, rank=cfg.lora.rank, alpha=cfg.lora.alpha, training_steps=cfg.steps,
-                               teacher=model.name, teacher_hash=model.content_hash, prediction_type=schedule.prediction_type)
+                               teacher=model.name, teacher_hash=model.content_hash, prediction_type=schedule.prediction_type,
+                               extra=average_metadata(average.info()) if averaged else None)
         save_safetensors_atomic(kohya_state_dict(roles.unet, STUDENT), lora_path, meta)
     return lora_path
 
