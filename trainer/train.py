@@ -32,6 +32,11 @@ from trainer.schedule import output_to_x0
 from trainer.weight_average import STEM as AVERAGE, WeightAverage
 
 
+def updates_student(step: int, every: int) -> bool:
+    """Whether iteration ``step`` updates the student (the two time-scale rule: every ``every``-th; the critic every one)."""
+    return step % every == 0
+
+
 def step_seed(seed: int, step: int, rank: int | None) -> int:
     """A well-mixed seed for (seed, step[, rank]); rank None gives the value shared by all processes."""
     words = [seed, step] if rank is None else [seed, step, rank + 1]
@@ -177,7 +182,7 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
     if s.settings.use_gan:
         real_x0, real_c = s.real.draw(batch, rng.local)
         real_x0, real_c = real_x0.to(device, dtype), real_c.to(device, dtype)
-    update_student = step % s.update_every == 0
+    update_student = updates_student(step, s.update_every)
     chunks = [slice(i, min(i + s.micro_batch_size, batch)) for i in range(0, batch, s.micro_batch_size)]
     split = len(chunks) > 1
     parts: list[tuple[Losses, float]] = []
@@ -295,7 +300,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
         saved, state, info = load_checkpoint(resume_path)
         saved_average = saved.pop(AVERAGE, None)
         # the student updates before this checkpoint that belong in the mean: the checkpoint must hold their mean
-        owed = 0 if average is None else sum(1 for k in range(average.start, info["step"]) if k % cfg.student.update_every == 0)
+        owed = 0 if average is None else sum(updates_student(k, cfg.student.update_every) for k in range(average.start, info["step"]))
         if owed:
             if saved_average is None or info.get(AVERAGE) != {"start": average.start, "count": owed}:
                 raise ConfigError(f"checkpoint {resume_path} (step {info['step']}) lacks the mean of the student's {owed} updates from "
@@ -360,8 +365,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
     with stop.installed():
         for step in bar:
             losses = train_iteration(setup, step)
-            if average is not None and step >= average.start and step % cfg.student.update_every == 0:
-                average.update(student_weights)  # this iteration updated the student
+            if average is not None and step >= average.start and updates_student(step, cfg.student.update_every):
+                average.update(student_weights)
             if main:
                 accelerator.log(losses.values, step=step)
                 if time.time() - last_log > 0.5 or step == cfg.steps - 1:
