@@ -25,9 +25,10 @@ class StudentConfig:
     lr: float = 5e-5
     # From this iteration on, keep the mean of the student's weights after each of its updates and export that mean
     # instead of its last weights (null: DMD2's). Late in a run the student drifts around a level that the mean of its
-    # weights beats: on the toy teacher the 1-step student's mean over iterations 7,200-10,800 scored 0.97-1.06 where
-    # its checkpoints scored 1.15-1.56 (benchmarks/toy/NOTES.md, point 56). Checkpoints keep both; training goes on
-    # from the last weights
+    # weights beats: on the toy teacher the 1-step student's running mean over iterations 7,200-10,800 scored 0.97-1.00
+    # at three training seeds where its checkpoints scored 1.15-1.56 (benchmarks/toy/NOTES.md, point 56). It does not
+    # rescue a student that is getting worse: the 4-step one peaks near 4,800 (point 57). Checkpoints keep both;
+    # training goes on from the last weights
     average_from: int | None = None
 
 
