@@ -86,8 +86,8 @@ class OptimConfig:
     grad_clip: float = 10.0
     warmup_steps: int = 500  # linear warm-up, then `lr_schedule`
     # Cosine keeps a long run from drifting late: on the toy teacher a 4-step student trained 7,200 iterations at a
-    # constant LR got sharper and worse after 3,600-4,800, and with cosine settled at 1.03-1.15x its teacher's toy FID at
-    # three training seeds (benchmarks/toy/NOTES.md, point 60)
+    # constant LR got sharper and worse after 3,600-4,800, and with cosine settled at 1.03-1.15x its teacher's toy
+    # FID at three training seeds (benchmarks/toy/NOTES.md, point 60)
     lr_schedule: str = "constant"  # "constant" (DMD2's; makes resume-and-extend exact) or "cosine" (to 0 at `steps`)
     optimizer: str = "auto"  # "auto" (from the memory preset), "adamw" or "adamw8bit" (bitsandbytes, CUDA only)
 
