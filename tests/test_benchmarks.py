@@ -93,11 +93,12 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     assert [log.name for log in logs] == ["train-0.log", "train-1.log"]
     groups = [line.split("training ", 1)[1].split(" in a parallel process")[0].split(", ") for line in out.stdout.splitlines()
               if "in a parallel process" in line]
-    assert len(groups) == 2 and sorted(sum(groups, [])) == sorted(["student-4", "student-2", "student-1", "no-gan", "no-backsim", "full-critic"])
+    assert len(groups) == 2 and sorted(sum(groups, [])) == sorted(["student-4", "student-4-long", "student-2", "student-1", "no-gan", "no-backsim",
+                                                                      "full-critic", "no-gan-long", "no-backsim-long", "full-critic-long"])
     rows = json.loads((tmp_path / "work" / "results.json").read_text())
     full = json.loads((tmp_path / "work" / "results_full.json").read_text())
     assert [r["cfg"] for r in full["teacher_cfg_sweep"]] == [1.0, 2.0] and rows[0]["cfg"] in (1.0, 2.0)
-    assert len(rows) == 9 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert len(rows) == 13 and all(r["toy_fid"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert all(len(r["second_opinion"]) == 2 and all(o["toy_fid"] > 0 for o in r["second_opinion"]) for r in rows)
     assert all(r["image_size"] == 64 for r in rows + full["teacher_cfg_sweep"])  # sampled at --resolution, not at 32
     for r in rows:  # each number is the mean over the sampling seeds, whose draws differ
@@ -112,10 +113,14 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
 
     from trainer.models.hashing import content_hash
     loras = sorted((tmp_path / "work").glob("*/dmd2_*_lora.safetensors"))
-    assert len(loras) == 6
+    assert len(loras) == 10
     assert all(yaml.safe_load((lora.parent / "config.yaml").read_text())["resolution"] == 64 for lora in loras)
     one_step = yaml.safe_load((tmp_path / "work" / "student-1" / "config.yaml").read_text())
     assert one_step["steps"] == 2 and one_step["student"]["average_from"] == 1  # --steps wins; the mean keeps its share
+    long = yaml.safe_load((tmp_path / "work" / "no-gan-long" / "config.yaml").read_text())
+    assert long["steps"] == 2 and long["student"]["average_from"] == 1 and long["optim"]["lr_schedule"] == "cosine"
+    assert long["gan"]["real_data"] == "none" and long["student"]["timesteps"] == [799, 599, 399, 199]
+    assert "| student 4-step (long recipe) FID <= 1.1x teacher-50 (" in table and "| (long recipe) without the GAN loss worse" in table
     for lora in loras:
         with safe_open(lora, "pt") as f:
             assert f.metadata()["dmd2.teacher_hash"] == content_hash(tiny_sdxl_folder)
