@@ -345,11 +345,11 @@ def target_checks(rows: list[dict], scores=lambda r: r) -> list[tuple[str, str, 
     t50, t4, t1 = (scores(r) for r in rows[:3])
     s1 = by[STUDENTS["student-1"][0]]
     fid = lambda r: r["toy_fid"]  # noqa: E731
-    four_step = []
+    checks = []
     for sid, suffix, recipe in FOUR_STEP_RECIPES:
         s4 = by[STUDENTS[sid][0]]
         ablation = lambda name, suffix=suffix: by[STUDENTS[name + suffix][0]]  # noqa: E731
-        four_step.append([
+        checks += [
             (f"student 4-step ({recipe}) FID <= 1.1x teacher-50 ({1.1 * fid(t50):.2f})", f"{fid(s4):.2f} ({fid(s4) / fid(t50):.2f}x)",
              fid(s4) <= 1.1 * fid(t50)),
             (f"student 4-step ({recipe}) accuracy within 2 points of teacher-50 ({t50['accuracy']:.3f})",
@@ -361,12 +361,12 @@ def target_checks(rows: list[dict], scores=lambda r: r) -> list[tuple[str, str, 
              fid(ablation("no-backsim")) > fid(s4)),
             (f"(paper, {recipe}) LoRA critic no worse than a full critic", f"{fid(s4):.2f} vs {fid(ablation('full-critic')):.2f} (full)",
              fid(s4) <= fid(ablation("full-critic"))),
-        ])
-    one_step = [
+        ]
+    return checks + [
         (f"student 1-step FID <= 1.5x teacher-50 ({1.5 * fid(t50):.2f})", f"{fid(s1):.2f} ({fid(s1) / fid(t50):.2f}x)", fid(s1) <= 1.5 * fid(t50)),
         (f"student 1-step better than teacher 1 step ({fid(t1):.2f})", f"{fid(s1):.2f}", fid(s1) < fid(t1)),
     ]
-    return [*four_step[0], *four_step[1], *one_step]
+
 
 if __name__ == "__main__":
     try:
