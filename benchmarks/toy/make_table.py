@@ -88,7 +88,7 @@ STUDENTS = {
     "full-critic-long": ("4-step long recipe, full critic (critic LR 5e-4) instead of LoRA critic", 4, [*LONG_FOUR_STEP, *FULL_CRITIC]),
 }
 # the two 4-step recipes: (student id, its ablations' id suffix, how the targets name it)
-FOUR_STEP_RECIPES = (("student-4", "", "the demo's 1,200 iterations"), ("student-4-long", "-long", "long recipe"))
+FOUR_STEP_RECIPES = (("student-4", "", "demo.yaml"), ("student-4-long", "-long", "long recipe"))
 
 
 def student_config(sid: str, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None = None,
