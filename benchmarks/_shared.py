@@ -111,7 +111,7 @@ def append_results(path: Path | None, title: str, lines: list[str], record: dict
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = f"\n## {title}: {record.get('device')} ({record.get('shape')}), {stamp}\n\n" + "".join(f"- {ln}\n" for ln in lines)
     text += f"\n```json\n{json.dumps(record)}\n```\n"
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nAppended by benchmarks/train_cycle.py and benchmarks/inference.py (see README.md).\n")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
+    from trainer.files import write_text_atomic
+
+    header = "# Benchmark results\n\nAppended by benchmarks/train_cycle.py and benchmarks/inference.py (see README.md).\n"
+    write_text_atomic(path, (path.read_text(encoding="utf-8") if path.exists() else header) + text)

@@ -20,6 +20,7 @@ from trainer import generate as gen
 from trainer.config import dump_yaml, load_config
 from trainer.errors import DMD2Error
 from trainer.export import with_lora
+from trainer.files import write_text_atomic
 from trainer.toy.digits import PROMPT_TEMPLATES, all_prompts, load_digits_32, prompt_for
 from trainer.toy.rows import Row, sample_row
 
@@ -34,9 +35,7 @@ def write_demo_data(folder: Path) -> tuple[Path, Path]:
     # Written only when missing or different, and renamed into place: parallel trainers (make_table.py --jobs) read them.
     prompts, text = folder / "prompts.txt", "\n".join(all_prompts()) + "\n"
     if not prompts.is_file() or prompts.read_text() != text:
-        tmp = prompts.with_name(f".{prompts.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, prompts)
+        write_text_atomic(prompts, text)
     images_dir = folder / "real_digits"
     images, labels = load_digits_32()
     if not images_dir.is_dir() or len(list(images_dir.glob("*.png"))) != len(images):
@@ -110,9 +109,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), ev
               f"diversity {scores['diversity']:.3f}  {seconds * 1000:.1f} ms/image")
     grid_path = out / "grid.png"
     gen.save_png_atomic(comparison_grid(columns[:4]), grid_path)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    report = out / "report.md"
-    report.write_text(_report(cfg, cfg_one, results, train_seconds, how, Path(final_lora).name, lora_one.relative_to(out), eval_images))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    report = write_text_atomic(out / "report.md", _report(cfg, cfg_one, results, train_seconds, how, Path(final_lora).name, lora_one.relative_to(out), eval_images))
     print(f"wrote {report}, {grid_path} and {Path(final_lora).name}")
     return Path(final_lora)
 
@@ -129,9 +127,7 @@ def _train_students(cfg, cfg_one, out: Path) -> tuple[Path, Path, str]:
         return _trained(train(cfg)), _trained(train(cfg_one)), "one after the other"
     mine, theirs = threads - threads // 2, threads // 2
     config_file, log = out / "run-1step.yaml", out / "run-1step.log"
-    tmp = config_file.with_name(f".{config_file.name}.tmp")
-    tmp.write_text(dump_yaml(cfg_one))
-    os.replace(tmp, config_file)
+    write_text_atomic(config_file, dump_yaml(cfg_one))
     proc = start_logged([sys.executable, "-m", "trainer", "train", "--config", str(config_file)], log, theirs)
     print(f"training the 1-step student in a second process (log: {log})", flush=True)
     try:

@@ -8,7 +8,6 @@ The sampling recipe goes into the safetensors metadata so loaders (our ComfyUI n
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.checkpoint import STATE_FILE
 from trainer.errors import LoRAFormatError
+from trainer.files import atomic_write
 from trainer.weight_average import STEM as AVERAGE
 
 PREFIX = "lora_unet_"
@@ -92,12 +92,9 @@ def average_metadata(average: dict) -> dict[str, str]:
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

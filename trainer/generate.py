@@ -3,8 +3,6 @@ and the teacher (Euler, many steps, CFG). Used by ``dmd2 generate``, the trainer
 toy benchmark, so every place samples the same way (and the same way as the ComfyUI nodes)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -12,6 +10,7 @@ from PIL import Image
 from torch import Tensor
 
 from trainer import sampling
+from trainer.files import atomic_write
 from trainer.models.roles import Conditioning, unet_forward
 from trainer.schedule import NoiseSchedule, ve_output_to_x0
 
@@ -118,9 +117,6 @@ def latent_shape(unet, vae, resolution: int) -> tuple[int, int, int]:
 
 
 def save_png_atomic(image: Image.Image, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
 

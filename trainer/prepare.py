@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from trainer.config import TrainConfig
 from trainer.data import buckets_for, load_image_bucket, nearest_bucket, read_image_folder, read_prompts
 from trainer.errors import DataError
+from trainer.files import write_text_atomic
 from trainer.models.hashing import file_sha256
 from trainer.models.roles import Conditioning
 
@@ -212,7 +213,7 @@ def prepare(cfg: TrainConfig, model, *, device="cpu", dtype=torch.float32, skip_
         real = RealData(buckets, [np.load(images_dir / f"b{h}x{w}" / "latents.npy", mmap_mode="r") for h, w in buckets],
                         [ArrayConditioning.load(images_dir / f"b{h}x{w}") for h, w in buckets])
         if skipped:
-            (root / "skipped-images.txt").write_text("".join(f"{Path(cfg.images) / s}\n" for s in skipped)) if main else None
+            write_text_atomic(root / "skipped-images.txt", "".join(f"{Path(cfg.images) / s}\n" for s in skipped)) if main else None
             say(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''} "
                 f"(full list: {root / 'skipped-images.txt'})")
     if cfg.gan_real_data == "teacher":
@@ -351,7 +352,7 @@ def _teacher_samples(cfg, model, cond: ArrayConditioning, uncond: Conditioning, 
     loaded = [load_file(p) for _, p in parts]
     latents = torch.cat([t["latents"] for t in loaded])
     index = torch.cat([t["prompt_index"] for t in loaded])
-    (folder / "meta.json").write_text(json.dumps({"samples": n, "parts": len(parts)})) if rank == 0 else None
+    write_text_atomic(folder / "meta.json", json.dumps({"samples": n, "parts": len(parts)})) if rank == 0 else None
     return RealData([(cfg.resolution, cfg.resolution)], [latents], [cond.index(index)], source="teacher")
 
 

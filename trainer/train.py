@@ -23,6 +23,7 @@ from trainer.distributed import sync_and_clip
 from trainer.dmd2 import DMD2Settings, Losses, StepRandomness, critic_losses, student_input, student_losses
 from trainer.errors import ConfigError, TrainingDivergedError
 from trainer.export import average_metadata, kohya_state_dict, recipe_metadata, save_safetensors_atomic
+from trainer.files import write_text_atomic
 from trainer.memory import MemoryPlan, enable_gradient_checkpointing, make_optimizer, resolve as resolve_memory
 from trainer.models.gan_head import GANHead
 from trainer.models.roles import CRITIC, STUDENT, Conditioning, DMD2Roles
@@ -336,7 +337,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop: StopFlag | None = N
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))
         accelerator.init_trackers("dmd2", config={k: str(v) for k, v in _flatten(to_dict(cfg)).items()})
     teacher_row: list = []
 
@@ -415,7 +416,7 @@ def _write_rank_digest(setup: TrainingSetup, step: int) -> None:
     folder = os.environ.get("DMD2_DEBUG_RANK_DIGESTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"rank-{setup.rank}-step-{step}.json").write_text(json.dumps({"world": setup.world, **adapter_digest(setup)}))
+        write_text_atomic(Path(folder) / f"rank-{setup.rank}-step-{step}.json", json.dumps({"world": setup.world, **adapter_digest(setup)}))
 
 
 _SHORT = {"student/dmd": "dmd", "student/gan": "g_gan", "critic/denoise": "denoise", "critic/gan": "d_gan"}

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.toy.digits import load_digits_32, to_uint8_grid  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator, images_per_row  # noqa: E402
-from trainer.generate import decode  # noqa: E402
+from trainer.files import write_text_atomic  # noqa: E402
+from trainer.generate import decode, save_png_atomic  # noqa: E402
 from trainer.toy.teacher import balanced_digits, load_toy_teacher, sample_teacher  # noqa: E402
 
 DEFAULT_ROWS = "50:1,50:1.25,50:1.5,50:2,50:3,50:4.5,50:6,8:2,4:1,4:2,4:3,4:4.5,2:2,1:1,1:2,1:3,1:4.5"
@@ -82,14 +83,14 @@ def main() -> None:
         print(f"| {steps} | {w:g} | {s['toy_fid']:.2f} | {s['accuracy']:.3f} | {s['diversity']:.3f} | {secs:.4f} |", flush=True)
         from PIL import Image
 
-        Image.fromarray(to_uint8_grid(images[:100], nrow=10)).resize((331 * 2, 331 * 2), Image.NEAREST).save(
-            args.out / f"teacher_{steps}steps_cfg{w:g}.png")
+        grid = Image.fromarray(to_uint8_grid(images[:100], nrow=10)).resize((331 * 2, 331 * 2), Image.NEAREST)
+        save_png_atomic(grid, args.out / f"teacher_{steps}steps_cfg{w:g}.png")
     info = {"teacher_sha256": model.content_hash, "threads": args.threads, "torch": torch.__version__,
             "references": references, "rows": results}
     text = json.dumps(info, indent=2) + "\n"
-    (args.out / "teacher_results.json").write_text(text)
+    write_text_atomic(args.out / "teacher_results.json", text)
     if args.json:
-        args.json.write_text(text)
+        write_text_atomic(args.json, text)
 
 
 if __name__ == "__main__":

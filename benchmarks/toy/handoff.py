@@ -29,6 +29,7 @@ from trainer import generate as gen  # noqa: E402
 from trainer import sampling  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import merge_into_unet, read_lora  # noqa: E402
+from trainer.files import write_text_atomic  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import images_per_row  # noqa: E402
 from trainer.toy.rows import sample_digits  # noqa: E402
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             print(f"seed {seed}  {row[0]:<42} {rec['committed']:5.2f} / {rec['seed1']:5.2f} / {rec['seed2']:5.2f}  "
                   f"accuracy {rec['accuracy']:.3f}  diversity {rec['diversity']:.3f}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
     return 0
 
 

@@ -38,6 +38,7 @@ from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
 from trainer.demo import ONE_STEP, demo_config_path, last_error, start_logged, write_demo_data  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import read_lora, with_lora  # noqa: E402
+from trainer.files import write_text_atomic  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator, images_per_row  # noqa: E402
@@ -261,9 +262,9 @@ def main() -> None:
     results = {"n": args.n, "seeds": args.seeds, "steps": args.steps, "resolution": args.resolution, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "results_full.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "RESULTS.md").write_text(table_markdown(results))
+    write_text_atomic(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
+    write_text_atomic(args.out / "results_full.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(args.out / "RESULTS.md", table_markdown(results))
     print(f"wrote {args.out / 'RESULTS.md'}")
 
 

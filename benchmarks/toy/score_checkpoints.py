@@ -30,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 from trainer.checkpoint import STATE_FILE  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import lora_from_checkpoint, merge_into_unet  # noqa: E402
+from trainer.files import write_text_atomic  # noqa: E402
 from trainer.generate import place  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import images_per_row  # noqa: E402
@@ -107,8 +108,7 @@ def score_run(run_dir: Path, teacher: str, min_step: int, seeds: list[int], devi
                     rec["diversity"] = round(s["diversity"], 4)
             print(json.dumps(rec), flush=True)
             records.append(rec)
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))  # a kill never leaves a torn line
     return records
 
 

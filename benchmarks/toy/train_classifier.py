@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from trainer.files import atomic_write
 from trainer.toy.digits import load_digits_32, split_indices
 from trainer.toy.evaluate import WEIGHTS_FILE, DigitClassifier
 
@@ -77,7 +78,8 @@ def main() -> None:
             acc = (model(xte).argmax(1) == yte).float().mean().item()
         print(f"epoch {epoch + 1:3d} loss {total / steps_per_epoch:.4f} held-out acc {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out), metadata={"held_out_accuracy": f"{acc:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)})
+    with atomic_write(args.out) as tmp:
+        save_file(state, str(tmp), metadata={"held_out_accuracy": f"{acc:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)})
     print(f"wrote {args.out}  held-out accuracy {acc:.4f}")
 
 

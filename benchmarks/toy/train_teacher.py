@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
+from trainer.files import atomic_write, write_text_atomic  # noqa: E402
 from trainer.models.architecture import CLIPArch, UNetArch, VAEArch, clip_config, unet_config, vae_config  # noqa: E402
 from trainer.models.hashing import file_sha256  # noqa: E402
 from trainer.models.tokenizers import sdxl_tokenizers  # noqa: E402
@@ -261,7 +262,7 @@ def export(args, unet, te1, te2, vae, extra: dict) -> None:
         "torch": torch.__version__,
         **extra,
     }
-    (args.out / "teacher.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(args.out / "teacher.json", json.dumps(info, indent=2) + "\n")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) sha256 {info['sha256']}")
 
 
@@ -307,10 +308,11 @@ def main() -> None:
         vae = train_vae(args, images_rgb)
         stats = normalise_vae_latents(vae, images_rgb)
         vae_seconds = time.time() - t0
-        torch.save({"state": vae.state_dict(), "stats": stats, "seconds": vae_seconds}, vae_file)
+        with atomic_write(vae_file) as tmp:
+            torch.save({"state": vae.state_dict(), "stats": stats, "seconds": vae_seconds}, tmp)
         if args.stage == "vae":
             return
-    saved = torch.load(vae_file)
+    saved = torch.load(vae_file, weights_only=True)  # this script's own file: tensors and numbers only, no pickled code
     vae = build_vae(0)
     vae.load_state_dict(saved["state"])
     vae.eval().requires_grad_(False)
@@ -326,7 +328,8 @@ def main() -> None:
     t0 = time.time()
     unet = train_unet(args, lat_mean, lat_std, labels, emb_table, pooled_table)
     unet_seconds = time.time() - t0
-    torch.save(unet.state_dict(), work / "unet_ema.pt")
+    with atomic_write(work / "unet_ema.pt") as tmp:
+        torch.save(unet.state_dict(), tmp)
     export(args, unet, te1, te2, vae, {
         "vae_train_seconds": round(saved.get("seconds", 0.0), 1),
         "unet_train_seconds": round(unet_seconds, 1),

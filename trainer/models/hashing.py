@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from trainer.files import write_text_atomic
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _CHUNK = 8 << 20
@@ -39,11 +40,7 @@ def _load_cache(file: Path) -> dict:
 
 def _save_cache(file: Path, cache: dict) -> None:
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".hashes-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(cache, fh)
-        os.replace(tmp, file)
+        write_text_atomic(file, json.dumps(cache))
     except OSError:
         pass  # a read-only home must not stop a load
 

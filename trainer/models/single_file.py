@@ -7,7 +7,6 @@ modules through the same tables the loader uses (``trainer.models.convert``) and
 from __future__ import annotations
 
 import os
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 from safetensors import safe_open
 
 from trainer.errors import ModelLoadError
+from trainer.files import atomic_write
 
 # torch is imported only when tensors are read or written: header checks (and so refusals) stay fast.
 if TYPE_CHECKING:
@@ -141,13 +141,6 @@ def save_sdxl_single_file(path, unet, text_encoder, text_encoder_2, vae=None, *,
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
             "modelspec.resolution": f"{side}x{side}"}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same folder (os.replace must not cross filesystems); created with the usual permissions.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.files import atomic_write
 from trainer.models import convert
 from trainer.models.architecture import UNET_PREFIX
 
@@ -70,10 +71,9 @@ def write_comfy_unet(out_dir, seed: int = 0) -> dict[str, Path]:
     folder = out / "diffusers"
     unet.save_pretrained(folder, safe_serialization=True)
     single = out / SINGLE_FILE
-    tmp = single.with_name(f".{single.name}.tmp")
-    save_file(sgm_state_dict(unet), tmp, metadata={"comfy_dmd2.test_unet_seed": str(seed),
-                                                    "comfy_dmd2.unet_config": json.dumps(UNET_CONFIG)})
-    tmp.replace(single)
+    with atomic_write(single) as tmp:
+        save_file(sgm_state_dict(unet), tmp, metadata={"comfy_dmd2.test_unet_seed": str(seed),
+                                                        "comfy_dmd2.unet_config": json.dumps(UNET_CONFIG)})
     return {"diffusers": folder, "single_file": single}
 
 
