@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer import export
 from trainer.export import save_safetensors_atomic
 from trainer.files import atomic_write, write_text_atomic
 from trainer.generate import save_png_atomic
@@ -41,10 +42,16 @@ def test_png_and_safetensors_writers_are_all_or_nothing(tmp_path, monkeypatch):
             f.write(b"\x89PNG")
         raise OSError("No space left on device")
 
+    def torn_save_file(tensors, filename, metadata=None):  # the same for safetensors' writer
+        with open(filename, "wb") as f:
+            f.write(b"\x08\x00")
+        raise OSError("No space left on device")
+
     monkeypatch.setattr(Image.Image, "save", torn_save)
+    monkeypatch.setattr(export, "save_file", torn_save_file)
     with pytest.raises(OSError, match="No space"):
         save_png_atomic(Image.new("RGB", (4, 4), "black"), png)
-    with pytest.raises(Exception):
-        save_safetensors_atomic({"w": "not a tensor"}, lora)
+    with pytest.raises(OSError, match="No space"):
+        save_safetensors_atomic({"w": torch.zeros(2)}, lora)
     assert (png.read_bytes(), lora.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "lora.safetensors"]
