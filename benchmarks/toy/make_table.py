@@ -62,6 +62,8 @@ def load_evaluators() -> dict[str, ToyEvaluator]:
 # points 57, 59-60), and the mean of its weights over the last third of the run, as the 1-step student's. At three
 # training seeds it scores 1.06-1.12x the teacher-50 row (point 61). Its ablations share it, so each compares like
 # with like.
+# It keeps demo.yaml's gan.critic_weight (0.05), as the committed rows were made: 0.2 held the second teacher's prompt
+# accuracy at three training seeds and the bundled teacher's FID level (point 68), but is not in the tables yet.
 LONG_FOUR_STEP = ["student.timesteps=[799,599,399,199]", "steps=7200", "checkpoint_every=1200", "optim.lr_schedule=cosine",
                   "student.average_from=4800"]
 # A whole UNet copy learns faster than a LoRA at the same LR: at demo.yaml's 2e-3 the full critic collapses the
