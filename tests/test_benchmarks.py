@@ -124,6 +124,27 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     for lora in loras:
         with safe_open(lora, "pt") as f:
             assert f.metadata()["dmd2.teacher_hash"] == content_hash(tiny_sdxl_folder)
+    # --rows re-scores some students and keeps the rest of the table; sampling is seeded, so the same LoRA scores the same
+    made_with = [*cmd, "--teacher", str(tiny_sdxl_folder), "--cfg-sweep", "1,2"]
+    out = subprocess.run([*made_with, "--rows", "no-gan,student-2"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reusing" in out.stdout and "student 4-step " not in out.stdout  # scored (and printed) only the two rows
+    again = json.loads((tmp_path / "work" / "results_full.json").read_text())
+    assert again["rescored"] == ["student-2", "no-gan"] and again["teacher_cfg_sweep"] == full["teacher_cfg_sweep"]
+    for before, after in zip(full["rows"], again["rows"], strict=True):
+        if after.get("student") in ("student-2", "no-gan"):
+            assert after["per_seed"] != before["per_seed"]  # sampled again: timings differ...
+            assert [s["toy_fid"] for s in after["per_seed"]] == pytest.approx([s["toy_fid"] for s in before["per_seed"]], abs=1e-6)
+        else:
+            assert after == before  # ...kept rows are the file's
+    assert "were re-scored later (`--rows student-2,no-gan`: their recipe changed)" in (tmp_path / "work" / "RESULTS.md").read_text()
+    stale = dict(again, rows=[dict(r, config=dict(r["config"], steps=9)) if r.get("student") == "no-backsim" else r for r in again["rows"]])
+    (tmp_path / "work" / "results_full.json").write_text(json.dumps(stale))
+    refused = subprocess.run([*made_with, "--rows", "no-gan"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    error = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode != 0 and error == "error: no-backsim's row was made with another config (steps): add it to --rows"
+    refused = subprocess.run([*made_with, "--rows", "no-gan", "--n", "30"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert refused.returncode != 0 and "results_full.json was made with other --n: pass the flags" in refused.stderr.strip().splitlines()[-1]
     refused = subprocess.run([*cmd, "--train-only", "student-4"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert refused.returncode != 0 and "distilled from another teacher" in refused.stderr.strip().splitlines()[-1]
     # nor for another config (here more iterations): a stale student would silently fill the new table's row

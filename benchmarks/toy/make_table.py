@@ -6,6 +6,7 @@ ablations, same prompts and seeds in every row, scored by the toy evaluator.
     python benchmarks/toy/make_table.py --teacher outputs/teacher2/digits_teacher.safetensors  # another teacher
         # (from `train_teacher.py --out outputs/teacher2`); students and table go to outputs/toy_table-<hash>/
     python benchmarks/toy/make_table.py --teacher my_teacher/ --resolution 64  # a diffusers folder trained at 64x64
+    python benchmarks/toy/make_table.py --rows student-4-long,full-critic-long  # after those rows' recipe changed
 
 Rows: the teacher at 50 Euler steps with its best CFG (a sweep picks it), the teacher at 4 and 1 steps with that
 CFG; the 4-, 2- and 1-step students (the demo's config, `trainer/toy/demo.yaml`: the 4-step student is trained
@@ -14,11 +15,14 @@ exactly as `dmd2 demo` trains its LoRA, the 1-step student gets 9x its iteration
 backward simulation, and a full critic instead of the LoRA critic.
 Students are trained with the real trainer into `--work` (`--jobs 2`: in two processes first); a student whose LoRA
 exists is not trained again (`--train-only` trains some), and one trained with another config or teacher is refused.
+`--rows` re-scores only some students (e.g. after their recipe changed) and keeps the other rows of `--out`'s table.
 Every row is also scored by two second-opinion classifiers (the evaluator's classifier trained with seeds 1 and 2).
 Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image, image_size and
-second_opinion: toy_fid and accuracy per second-opinion classifier) and `RESULTS.md` into `--out`. Each row is
-sampled at every seed of `--seeds` (1,000 images each by default); its numbers are the means over them, and `per_seed`
-keeps each seed's (one seed's FID moves by about +-0.1 on the teacher and the students alike, NOTES.md point 30).
+second_opinion: toy_fid and accuracy per second-opinion classifier; a student's row also its id, `student`),
+`results_full.json` (also the teacher's CFG sweep and each student's training config) and `RESULTS.md` into `--out`.
+Each row is sampled at every seed of `--seeds` (1,000 images each by default); its numbers are the means over them,
+and `per_seed` keeps each seed's (one seed's FID moves by about +-0.1 on the teacher and the students alike, NOTES.md
+point 30).
 """
 from __future__ import annotations
 
@@ -62,10 +66,12 @@ def load_evaluators() -> dict[str, ToyEvaluator]:
 # points 57, 59-60), and the mean of its weights over the last third of the run, as the 1-step student's. At three
 # training seeds it scores 1.06-1.12x the teacher-50 row (point 61). Its ablations share it, so each compares like
 # with like.
-# It keeps demo.yaml's gan.critic_weight (0.05), as the committed rows were made: 0.2 held the second teacher's prompt
-# accuracy at three training seeds and the bundled teacher's FID level (point 68), but is not in the tables yet.
-LONG_FOUR_STEP = ["student.timesteps=[799,599,399,199]", "steps=7200", "checkpoint_every=1200", "optim.lr_schedule=cosine",
-                  "student.average_from=4800"]
+# Its critic weighs the GAN loss 4x demo.yaml's 0.05 (gan.critic_weight=0.2, as much as the student does; DMD2 weighs
+# the critic's twice the student's): on the second teacher that holds the students' prompt accuracy at three training
+# seeds, where 0.05 loses 3.5 points, and on the bundled one it keeps the FID level (NOTES.md point 68).
+LONG_RECIPE = ["student.timesteps=[799,599,399,199]", "steps=7200", "checkpoint_every=1200", "optim.lr_schedule=cosine",
+               "student.average_from=4800"]
+LONG_FOUR_STEP = [*LONG_RECIPE, "gan.critic_weight=0.2"]
 # A whole UNet copy learns faster than a LoRA at the same LR: at demo.yaml's 2e-3 the full critic collapses the
 # student's styles (diversity 0.92, FID 2.32 over checkpoints); at 5e-4 (the GAN head kept at 2e-3) it is level with
 # the LoRA critic or slightly worse, which is the comparison worth a row (NOTES.md point 32).
@@ -86,7 +92,7 @@ STUDENTS = {
     "no-gan": ("4-step, without GAN loss", 4, ["gan.real_data=none"]),
     "no-backsim": ("4-step, without backward simulation", 4, ["student.backward_simulation=false"]),
     "full-critic": ("4-step, full critic (critic LR 5e-4) instead of LoRA critic", 4, FULL_CRITIC),
-    "no-gan-long": ("4-step long recipe, without GAN loss", 4, [*LONG_FOUR_STEP, "gan.real_data=none"]),
+    "no-gan-long": ("4-step long recipe, without GAN loss", 4, [*LONG_RECIPE, "gan.real_data=none"]),  # no GAN, no GAN weight
     "no-backsim-long": ("4-step long recipe, without backward simulation", 4, [*LONG_FOUR_STEP, "student.backward_simulation=false"]),
     "full-critic-long": ("4-step long recipe, full critic (critic LR 5e-4) instead of LoRA critic", 4, [*LONG_FOUR_STEP, *FULL_CRITIC]),
 }
@@ -119,15 +125,23 @@ def with_steps(overrides: list[str], steps: int) -> list[str]:
 _WHERE_KEYS = ("model", "output_dir", "prompts", "images", "keep_checkpoints", "validate_every")
 
 
+def trained_config(cfg: TrainConfig) -> dict:
+    """What ``cfg`` trains, as plain data: every key but those of ``_WHERE_KEYS``. Through the loader, so keys added to
+    the config since (at their defaults) compare equal."""
+    return {k: v for k, v in yaml.safe_load(dump_yaml(cfg.validate())).items() if k not in _WHERE_KEYS}
+
+
+def _differing(was: dict, now: dict) -> list[str]:
+    return sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+
+
 def trained_lora(work: Path, sid: str, teacher: Path | None, cfg: TrainConfig) -> Path | None:
     """The LoRA a previous (or `--train-only`) run already wrote for this student from this teacher with this config,
     if any. A folder trained (or started) with another config, or whose LoRA came from another teacher, is refused:
     never reused or resumed."""
     saved = work / sid / "config.yaml"
     if saved.is_file():
-        # both through the loader, so keys added to the config since (at their defaults) compare equal
-        was, now = (yaml.safe_load(dump_yaml(c.validate())) for c in (load_config(saved), cfg))
-        differ = sorted(k for k in was.keys() | now.keys() if k not in _WHERE_KEYS and was.get(k) != now.get(k))
+        differ = _differing(trained_config(load_config(saved)), trained_config(cfg))
         if differ:
             raise SystemExit(f"error: {work / sid} was trained with another config ({', '.join(differ)}): delete it or pass a "
                              "fresh --work")
@@ -200,15 +214,16 @@ def main() -> None:
                    "guidance scales; the best is the teacher-50 row (default: " + ",".join(f"{w:g}" for w in CFG_SWEEP) + ")")
     p.add_argument("--train-only", metavar="IDS", help=f"only train these students (comma-separated: {','.join(STUDENTS)}), e.g. to "
                    "train several in parallel processes before one run that evaluates everything")
+    p.add_argument("--rows", metavar="IDS", help="re-score only these students (training any without a LoRA), e.g. after "
+                   "their recipe changed, and keep the teacher's and the other students' rows of --out's table, which must "
+                   "have been made with the same teacher and --n, --seeds, --steps, --resolution and --cfg-sweep")
     p.add_argument("--jobs", type=int, default=1, help="train the students in this many processes first (e.g. 2 on a "
                    "2-core CPU: 1.6-2x faster), then evaluate in this one; with --train-only, only those students and no evaluation")
     args = p.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: pass the number of training processes, 1 or more")
-    only = args.train_only.split(",") if args.train_only else []
-    unknown = [sid for sid in only if sid not in STUDENTS]
-    if unknown:
-        raise SystemExit(f"error: --train-only {','.join(unknown)}: no such student; pick from {','.join(STUDENTS)}")
+    only = student_ids("--train-only", args.train_only)
+    rescore = student_ids("--rows", args.rows)
     if args.teacher is not None and not args.teacher.exists():
         raise SystemExit(f"error: teacher {args.teacher} does not exist: pass a single-file checkpoint or a diffusers folder")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
@@ -223,11 +238,14 @@ def main() -> None:
         for sid in only:  # after parallel training: reports each LoRA as reused
             train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         return
+    teacher_file = args.teacher or teacher_path()
+    configs = {sid: trained_config(student_config(sid, args.work, data, args.steps, args.teacher, args.resolution)) for sid in STUDENTS}
+    previous = table_to_update(args, teacher_file) if rescore else None
+    kept = {sid: kept_row(previous, sid, configs[sid]) for sid in STUDENTS if sid not in rescore} if previous else {}
     if args.jobs > 1:
-        train_in_parallel(args.jobs, args.work, data, args.steps, args.teacher, args.resolution)
+        train_in_parallel(args.jobs, args.work, data, args.steps, args.teacher, args.resolution, only=rescore or None)
     digits = [i % 10 for i in range(args.n)]
     evaluator, *second_opinion = load_evaluators().values()
-    teacher_file = args.teacher or teacher_path()
     teacher = load_sdxl(teacher_file)
     resolution = args.resolution or load_config(demo_config_path()).resolution
 
@@ -246,12 +264,18 @@ def main() -> None:
               f"{r['seconds_per_image'] * 1000:6.1f} ms/img", flush=True)
         return r
 
-    sweep = [score(Row(f"teacher 50 steps, CFG {w:g}", 50, w), teacher) for w in args.cfg_sweep]
-    best = min(sweep, key=lambda r: r["toy_fid"])
-    w = best["cfg"]
-    rows = [dict(best, name=f"teacher 50 steps (best CFG {w:g})")]
-    rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
+    if previous:  # the teacher's rows do not change with the students' recipes
+        sweep, rows = previous["teacher_cfg_sweep"], previous["rows"][:3]
+    else:
+        sweep = [score(Row(f"teacher 50 steps, CFG {w:g}", 50, w), teacher) for w in args.cfg_sweep]
+        best = min(sweep, key=lambda r: r["toy_fid"])
+        w = best["cfg"]
+        rows = [dict(best, name=f"teacher 50 steps (best CFG {w:g})")]
+        rows += [score(Row(f"teacher {k} steps, CFG {w:g}", k, w), teacher) for k in (4, 1)]
     for sid, (name, k, _) in STUDENTS.items():
+        if sid in kept:
+            rows.append(kept[sid])
+            continue
         t0 = time.perf_counter()
         lora, trained_here = train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         train_minutes = (time.perf_counter() - t0) / 60
@@ -260,14 +284,57 @@ def main() -> None:
         r = score(Row(name, k, 1.0, timesteps), student)
         if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
             r["train_minutes"] = round(train_minutes, 1)
-        rows.append(r)
-    results = {"n": args.n, "seeds": args.seeds, "steps": args.steps, "resolution": args.resolution, "teacher": _shown(teacher_file) if args.teacher else None, "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
+        rows.append({**r, "student": sid, "config": configs[sid]})  # what trained it: `--rows` keeps only an unchanged row
+    results = {"n": args.n, "seeds": args.seeds, "steps": args.steps, "resolution": args.resolution, "teacher": _shown(teacher_file) if args.teacher else None,
+               "teacher_hash": content_hash(teacher_file), "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
+    if previous:  # the machine that made the whole table stays in the header; the re-scoring one is named beside it
+        results.update(threads=previous["threads"], torch=previous["torch"], rescore_run={"threads": torch.get_num_threads(), "torch": torch.__version__},
+                       rescored=sorted({*previous.get("rescored", []), *rescore}, key=list(STUDENTS).index))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
+    write_text_atomic(args.out / "results.json", json.dumps([{k: v for k, v in r.items() if k != "config"} for r in rows], indent=2) + "\n")
     write_text_atomic(args.out / "results_full.json", json.dumps(results, indent=2) + "\n")
     write_text_atomic(args.out / "RESULTS.md", table_markdown(results))
     print(f"wrote {args.out / 'RESULTS.md'}")
+
+
+def student_ids(flag: str, text: str | None) -> list[str]:
+    """The students a comma-separated ``flag`` value names (none without it); an unknown one is a one-line error."""
+    ids = text.split(",") if text else []
+    unknown = [sid for sid in ids if sid not in STUDENTS]
+    if unknown:
+        raise SystemExit(f"error: {flag} {','.join(unknown)}: no such student; pick from {','.join(STUDENTS)}")
+    return ids
+
+
+def table_to_update(args: argparse.Namespace, teacher_file: Path) -> dict:
+    """``--out``'s results_full.json, which `--rows` updates; refused unless it was made like this call would make it
+    (else its kept rows would not compare with the re-scored ones)."""
+    path = args.out / "results_full.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --rows updates a table, and {path} does not exist: run make_table.py without --rows first")
+    was = json.loads(path.read_text())
+    now = {"--teacher": (_shown(teacher_file) if args.teacher else None, content_hash(teacher_file)), "--n": args.n,
+           "--seeds": list(args.seeds), "--steps": args.steps, "--resolution": args.resolution, "--cfg-sweep": list(args.cfg_sweep)}
+    made = {"--teacher": (was["teacher"], was.get("teacher_hash", now["--teacher"][1])), "--n": was["n"], "--seeds": was["seeds"],
+            "--steps": was["steps"], "--resolution": was["resolution"], "--cfg-sweep": [r["cfg"] for r in was["teacher_cfg_sweep"]]}
+    differ = [flag for flag in now if made[flag] != now[flag]]
+    if differ:
+        raise SystemExit(f"error: {path} was made with other {', '.join(differ)}: pass the flags it was made with, or run "
+                         "without --rows to make the whole table")
+    return was
+
+
+def kept_row(previous: dict, sid: str, config: dict) -> dict:
+    """``sid``'s row of the table `--rows` updates, refused when it was made with another config than ``config``."""
+    name = STUDENTS[sid][0]
+    row = next((r for r in previous["rows"] if r.get("student", r["name"]) in (sid, name)), None)
+    if row is None:
+        raise SystemExit(f"error: the table has no row for {sid}: add it to --rows")
+    differ = _differing(row["config"], config) if "config" in row else []  # tables before 2026-12 did not record it
+    if differ:
+        raise SystemExit(f"error: {sid}'s row was made with another config ({', '.join(differ)}): add it to --rows")
+    return {**row, "student": sid}
 
 
 def _mean(records: list[dict], keys: tuple[str, ...]) -> dict:
@@ -314,13 +381,22 @@ def _non_default_flags(results: dict) -> str:
     return flags + (f" --cfg-sweep {','.join(f'{w:g}' for w in sweep)}" if sweep != CFG_SWEEP else "")
 
 
+def _rescored(results: dict) -> str:
+    """Which rows a later `--rows` call re-scored (their recipe had changed), and where, if any."""
+    if not results.get("rescored"):
+        return ""
+    names, run = ", ".join(f'"{STUDENTS[sid][0]}"' for sid in results["rescored"]), results["rescore_run"]
+    return (f" The rows {names} were re-scored later (`--rows {','.join(results['rescored'])}`: their recipe changed) on CPU, "
+            f"{run['threads']} thread(s), torch {run['torch']}; the other rows are the whole table's.")
+
+
 def table_markdown(results: dict) -> str:
     rows, teacher50 = results["rows"], results["rows"][0]
     lines = ["# Toy quality table: the digits teacher and its DMD2 students", "",
              (f"Teacher `{results['teacher']}`; " if results.get("teacher") else "The bundled digits teacher; ") + f"{results['n']} images per row and seed (digits 0-9 cycled, prompt \"a handwritten digit <word>\"), "
              f"sampling seeds {', '.join(map(str, results['seeds']))}, the same noise for image i in every row; every number is the mean over the "
              f"seeds (the toy FID per seed in its own column); CPU, {results['threads']} thread(s), torch {results['torch']}. "
-             "Regenerate: `python benchmarks/toy/make_table.py" + _non_default_flags(results) + "`.", "",
+             "Regenerate: `python benchmarks/toy/make_table.py" + _non_default_flags(results) + "`." + _rescored(results), "",
              "| row | steps | toy FID | FID / teacher-50 | toy FID per seed | accuracy | diversity | ms / image | second opinion: FID (/ teacher-50) |",
              "|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
