@@ -63,12 +63,12 @@ def load_evaluators() -> dict[str, ToyEvaluator]:
 
 # The 4-step student trained 6x the demo's iterations: its first step's pure noise read at t = 799, a cosine LR (at
 # demo.yaml's constant LR a run this long sharpens and at some training seeds collapses past 3,600 iterations, NOTES.md
-# points 57, 59-60), and the mean of its weights over the last third of the run, as the 1-step student's. At three
-# training seeds it scores 1.06-1.12x the teacher-50 row (point 61). Its ablations share it, so each compares like
-# with like.
-# Its critic weighs the GAN loss 4x demo.yaml's 0.05 (gan.critic_weight=0.2, as much as the student does; DMD2 weighs
-# the critic's twice the student's): on the second teacher that holds the students' prompt accuracy at three training
-# seeds, where 0.05 loses 3.5 points, and on the bundled one it keeps the FID level (NOTES.md point 68).
+# points 57, 59-60), the mean of its weights over the last third of the run, as the 1-step student's, and a critic
+# that weighs its GAN loss 4x demo.yaml's 0.05 (gan.critic_weight=0.2, as much as the student does; DMD2 weighs the
+# critic's twice the student's): on the second teacher that holds the student's prompt accuracy at three training
+# seeds, where 0.05 loses 3.5 points on average, and on the bundled one it keeps the FID level (1.04-1.12x the
+# teacher-50 row at three training seeds, 0.05: 1.06-1.12x; NOTES.md points 61, 68). Its ablations share it, so each
+# compares like with like.
 LONG_RECIPE = ["student.timesteps=[799,599,399,199]", "steps=7200", "checkpoint_every=1200", "optim.lr_schedule=cosine",
                "student.average_from=4800"]
 LONG_FOUR_STEP = [*LONG_RECIPE, "gan.critic_weight=0.2"]
