@@ -239,8 +239,9 @@ def main() -> None:
             train_student(sid, args.work, data, args.steps, args.teacher, args.resolution)
         return
     teacher_file = args.teacher or teacher_path()
+    teacher_id = (_shown(teacher_file) if args.teacher else None, content_hash(teacher_file))  # its path as the table shows it, its content
     configs = {sid: trained_config(student_config(sid, args.work, data, args.steps, args.teacher, args.resolution)) for sid in STUDENTS}
-    previous = table_to_update(args, teacher_file) if rescore else None
+    previous = table_to_update(args, teacher_id) if rescore else None
     kept = {sid: kept_row(previous, sid, configs[sid]) for sid in STUDENTS if sid not in rescore} if previous else {}
     if args.jobs > 1:
         train_in_parallel(args.jobs, args.work, data, args.steps, args.teacher, args.resolution, only=rescore or None)
@@ -285,8 +286,8 @@ def main() -> None:
         if trained_here:  # a reused (e.g. `--train-only`) LoRA's training time is not known here
             r["train_minutes"] = round(train_minutes, 1)
         rows.append({**r, "student": sid, "config": configs[sid]})  # what trained it: `--rows` keeps only an unchanged row
-    results = {"n": args.n, "seeds": args.seeds, "steps": args.steps, "resolution": args.resolution, "teacher": _shown(teacher_file) if args.teacher else None,
-               "teacher_hash": content_hash(teacher_file), "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
+    results = {"n": args.n, "seeds": args.seeds, "steps": args.steps, "resolution": args.resolution, "teacher": teacher_id[0],
+               "teacher_hash": teacher_id[1], "teacher_cfg_sweep": sweep, "rows": rows, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
     if previous:  # the machine that made the whole table stays in the header; the re-scoring one is named beside it
         results.update(threads=previous["threads"], torch=previous["torch"], rescore_run={"threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -307,16 +308,17 @@ def student_ids(flag: str, text: str | None) -> list[str]:
     return ids
 
 
-def table_to_update(args: argparse.Namespace, teacher_file: Path) -> dict:
+def table_to_update(args: argparse.Namespace, teacher_id: tuple[str | None, str]) -> dict:
     """``--out``'s results_full.json, which `--rows` updates; refused unless it was made like this call would make it
-    (else its kept rows would not compare with the re-scored ones)."""
+    (else its kept rows would not compare with the re-scored ones); a table older than its teacher's recorded hash is
+    compared by the teacher's path."""
     path = args.out / "results_full.json"
     if not path.is_file():
         raise SystemExit(f"error: --rows updates a table, and {path} does not exist: run make_table.py without --rows first")
     was = json.loads(path.read_text())
-    now = {"--teacher": (_shown(teacher_file) if args.teacher else None, content_hash(teacher_file)), "--n": args.n,
+    now = {"--teacher": teacher_id, "--n": args.n,
            "--seeds": list(args.seeds), "--steps": args.steps, "--resolution": args.resolution, "--cfg-sweep": list(args.cfg_sweep)}
-    made = {"--teacher": (was["teacher"], was.get("teacher_hash", now["--teacher"][1])), "--n": was["n"], "--seeds": was["seeds"],
+    made = {"--teacher": (was["teacher"], was.get("teacher_hash", teacher_id[1])), "--n": was["n"], "--seeds": was["seeds"],
             "--steps": was["steps"], "--resolution": was["resolution"], "--cfg-sweep": [r["cfg"] for r in was["teacher_cfg_sweep"]]}
     differ = [flag for flag in now if made[flag] != now[flag]]
     if differ:
