@@ -160,25 +160,23 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="the students train side by side only on 2+ threads")
-def test_demo_reports_a_failed_one_step_process_in_one_line(tmp_path):
-    from trainer.config import load_config
-    from trainer.demo import _train_students, demo_config_path, write_demo_data
+def test_demo_reports_a_failed_second_process_in_one_line(tmp_path, monkeypatch):
+    """The demo's second process (1-step student, teacher's rows) fails on a truncated teacher: `dmd2 demo` stops with
+    that process's one-line error and its log, after the 4-step student trained meanwhile."""
+    from trainer import demo
     from trainer.errors import DMD2Error
     from trainer.toy.teacher import teacher_path
 
-    prompts, images = write_demo_data(tmp_path / "data")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(teacher_path().read_bytes()[:4096])
-
-    def config(run, model):
-        base = {"model": str(model), "prompts": str(prompts), "images": str(images), "output_dir": str(tmp_path / run)}
-        return load_config(demo_config_path(), ["steps=2", "checkpoint_every=2", "validate_every=0"], base=base).validate()
-
+    start = demo.start_logged  # only the second process gets the truncated file (a later --set wins)
+    monkeypatch.setattr(demo, "start_logged", lambda argv, log, threads: start([*argv, "--set", f"model={truncated}"], log, threads))
     with pytest.raises(DMD2Error) as err:
-        _train_students(config("run", teacher_path()), config("run-1step", truncated), tmp_path)
+        demo.run_demo(tmp_path / "demo", ["steps=2", "checkpoint_every=2", "validate_every=0"], eval_images=20)
     message = str(err.value)
-    assert "the 1-step student's training failed (log: " in message and "truncated or corrupt" in message and "\n" not in message
-    assert sorted((tmp_path / "run").glob("dmd2_*_lora.safetensors"))  # the 4-step student trained meanwhile
+    assert "the demo's second process (1-step student, teacher's rows) failed (log: " in message
+    assert "truncated or corrupt" in message and "\n" not in message
+    assert sorted((tmp_path / "demo" / "run").glob("dmd2_*_lora.safetensors"))  # the 4-step student trained meanwhile
 
 
 def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_folder):

@@ -12,14 +12,16 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 
 from trainer import generate as gen
 from trainer.config import dump_yaml, load_config
 from trainer.errors import DMD2Error
-from trainer.export import with_lora
+from trainer.export import save_safetensors_atomic, with_lora
 from trainer.files import write_text_atomic
 from trainer.toy.digits import PROMPT_TEMPLATES, all_prompts, load_digits_32, prompt_for
 from trainer.toy.rows import Row, sample_row
@@ -69,81 +71,144 @@ def comparison_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
 ONE_STEP = ["student.timesteps=[599]"]
 
 
-def run_demo(out_dir: str | Path = "outputs/demo", overrides: list[str] = (), eval_images: int = 1000) -> Path:
-    """Train the 4-step student (the demo's LoRA, in ``out_dir``) and a 1-step student (in ``out_dir/run-1step/``),
-    then compare both with the teacher; returns the 4-step LoRA."""
-    from trainer.models.loading import load_sdxl
-    from trainer.toy.evaluate import ToyEvaluator
+def demo_configs(out: Path, overrides: Sequence[str] = ()):
+    """The 4-step student's config (demo.yaml + ``overrides``, trained into ``out/run``) and the 1-step student's."""
     from trainer.toy.teacher import teacher_path
 
-    out = Path(out_dir)
     prompts, images = write_demo_data(out / "data")
 
     def config(run: str, extra: list[str]):
         base = {"model": str(teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out / run)}
         return load_config(demo_config_path(), [*overrides, *extra], base=base).validate()
 
-    cfg, cfg_one = config("run", []), config("run-1step", ONE_STEP)
-    t0 = time.perf_counter()
-    lora, lora_one, how = _train_students(cfg, cfg_one, out)
-    train_seconds = time.perf_counter() - t0
-    final_lora = shutil.copy2(lora, out / lora.name)
+    return config("run", []), config("run-1step", ONE_STEP)
 
-    print("evaluating teacher and students on the same prompts and seeds ...")
-    teacher = load_sdxl(cfg.model)
-    students = [with_lora(teacher, path)[0] for path in (final_lora, lora_one)]
+
+def demo_rows(cfg, cfg_one) -> tuple[list[Row], Row, Row]:
+    """The teacher's rows (50 steps, the 4-step student's count and 1 step, at the validation CFG), then the 4-step
+    student's row and the 1-step student's, each student sampled at the timesteps it trained at."""
     ts, ts_one, w = tuple(cfg.student.timesteps), tuple(cfg_one.student.timesteps), cfg.validation.teacher_cfg
-    # the grid's four columns, then the report's extra row: the teacher at the 1-step student's step count
-    rows = [(Row("teacher, 50 steps", 50, w), teacher), (Row(f"teacher, {len(ts)} steps", len(ts), w), teacher),
-            (Row(f"student, {len(ts)} steps", len(ts), timesteps=ts), students[0]),
-            (Row("student, 1 step", 1, timesteps=ts_one), students[1]), (Row("teacher, 1 step", 1, w), teacher)]
-    digits = [i % 10 for i in range(eval_images)]
+    teacher = [Row("teacher, 50 steps", 50, w), Row(f"teacher, {len(ts)} steps", len(ts), w), Row("teacher, 1 step", 1, w)]
+    return teacher, Row(f"student, {len(ts)} steps", len(ts), timesteps=ts), Row("student, 1 step", 1, timesteps=ts_one)
+
+
+def evaluate_rows(rows: list[tuple[Row, object]], cfg, n: int) -> list[dict]:
+    """Sample each ``(row, model)`` for the same ``n`` prompted digits (0-9 cycled) and seeds and score it; each result
+    keeps its first ten images (one per digit) for the grid."""
+    from trainer.toy.evaluate import ToyEvaluator
+
+    digits = [i % 10 for i in range(n)]
     evaluator = ToyEvaluator.load()
-    results, columns = [], []
+    results = []
     for row, model in rows:
         images, seconds = sample_row(model, row, digits, seed=cfg.seed, resolution=cfg.resolution)
-        scores = evaluator.score(images, digits)
-        results.append({"name": row.name, "steps": row.steps, "cfg": row.cfg, **scores, "seconds_per_image": seconds})
-        columns.append((row.name, images[:10]))
-        print(f"  {row.name:<20} toy FID {scores['toy_fid']:7.2f}  accuracy {scores['accuracy']:.3f}  "
-              f"diversity {scores['diversity']:.3f}  {seconds * 1000:.1f} ms/image")
-    grid_path = out / "grid.png"
-    gen.save_png_atomic(comparison_grid(columns[:4]), grid_path)
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
-    report = write_text_atomic(out / "report.md", _report(cfg, cfg_one, results, train_seconds, how, Path(final_lora).name, lora_one.relative_to(out), eval_images))
-    print(f"wrote {report}, {grid_path} and {Path(final_lora).name}")
-    return Path(final_lora)
+        results.append({"name": row.name, "steps": row.steps, "cfg": row.cfg, **evaluator.score(images, digits),
+                        "seconds_per_image": seconds, "images": images[:10]})
+    return results
 
 
-def _train_students(cfg, cfg_one, out: Path) -> tuple[Path, Path, str]:
-    """Both students' LoRAs, and how they were trained. On a CPU with 2+ threads (torch's count, which follows
-    OMP_NUM_THREADS) they train side by side, the 1-step one in a second process, each on half the threads: the toy's
-    small convolutions leave most of a second thread idle, so both finish in about the time the 4-step student alone
-    takes on all of them (benchmarks/toy/NOTES.md, point 42). On a GPU, one after the other."""
+def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), eval_images: int = 1000) -> Path:
+    """Train the 4-step student (the demo's LoRA, in ``out_dir``) and a 1-step student (in ``out_dir/run-1step/``),
+    then compare both with the teacher; returns the 4-step LoRA.
+
+    On a CPU with 2+ threads (torch's count, which follows OMP_NUM_THREADS) the work is split between two processes,
+    each on half the threads: this one trains and scores the 4-step student; a second one (`second_process`) trains
+    and scores the 1-step student, then samples and scores the teacher's rows, which depend on neither student. The
+    toy's small convolutions leave most of a second thread idle, so the 4-step student trains about as fast on one
+    thread as on two (benchmarks/toy/NOTES.md, points 42 and 66), and the 1-step student, which has no backward
+    simulation, finishes early enough for the teacher's rows to fit beside the 4-step training. On a GPU (or one
+    thread), everything runs here, one after the other."""
+    from trainer.models.loading import load_sdxl
     from trainer.train import train
 
+    out = Path(out_dir)
+    cfg, cfg_one = demo_configs(out, overrides)
+    teacher_rows, student_row, student_row_one = demo_rows(cfg, cfg_one)
     threads = torch.get_num_threads()
+    t0 = time.perf_counter()
     if torch.cuda.is_available() or threads < 2:
-        return _trained(train(cfg)), _trained(train(cfg_one)), "one after the other"
-    mine, theirs = threads - threads // 2, threads // 2
-    config_file, log = out / "run-1step.yaml", out / "run-1step.log"
-    write_text_atomic(config_file, dump_yaml(cfg_one))
-    proc = start_logged([sys.executable, "-m", "trainer", "train", "--config", str(config_file)], log, theirs)
-    print(f"training the 1-step student in a second process (log: {log})", flush=True)
-    try:
-        torch.set_num_threads(mine)
-        lora = _trained(train(cfg))
-    except BaseException:  # also Ctrl-C; a stopped trainer leaves no half-written checkpoint (temp folder + rename)
-        proc.terminate()
-        proc.wait()
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    print("waiting for the 1-step student ...", flush=True)
-    if proc.wait() != 0:
-        raise DMD2Error(f"the 1-step student's training failed (log: {log}): {last_error(log)}")
-    found = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))
-    return lora, found[-1], f"side by side in two processes, {mine} and {theirs} CPU thread(s)"
+        lora, lora_one = _trained(train(cfg)), _trained(train(cfg_one))
+        train_seconds, how = time.perf_counter() - t0, "one after the other"
+        final_lora = Path(shutil.copy2(lora, out / lora.name))
+        print("evaluating teacher and students on the same prompts and seeds ...")
+        teacher = load_sdxl(cfg.model)
+        pairs = [*((row, teacher) for row in teacher_rows), (student_row, with_lora(teacher, final_lora)[0]),
+                 (student_row_one, with_lora(teacher, lora_one)[0])]
+        by_name = {r["name"]: r for r in evaluate_rows(pairs, cfg, eval_images)}
+    else:
+        mine, theirs = threads - threads // 2, threads // 2
+        rows_file, log = out / "second-process-rows.safetensors", out / "run-1step.log"
+        write_text_atomic(out / "run-1step.yaml", dump_yaml(cfg_one))  # the 1-step student's config, for `dmd2 train`
+        argv = [sys.executable, "-m", "trainer", "demo", "--out", str(out), *(a for o in overrides for a in ("--set", o)),
+                "--eval-images", str(eval_images), "--second-process", str(rows_file)]
+        proc = start_logged(argv, log, theirs)
+        print(f"training the 1-step student, then sampling the teacher's rows, in a second process (log: {log})", flush=True)
+        try:
+            torch.set_num_threads(mine)
+            lora = _trained(train(cfg))
+            train_seconds = time.perf_counter() - t0
+            final_lora = Path(shutil.copy2(lora, out / lora.name))
+            print("evaluating the 4-step student ...", flush=True)
+            mine_done = evaluate_rows([(student_row, with_lora(load_sdxl(cfg.model), final_lora)[0])], cfg, eval_images)
+        except BaseException:  # also Ctrl-C; a stopped trainer leaves no half-written checkpoint (temp folder + rename)
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        print("waiting for the second process ...", flush=True)
+        if proc.wait() != 0:
+            raise DMD2Error(f"the demo's second process (1-step student, teacher's rows) failed (log: {log}): {last_error(log)}")
+        theirs_done, their_seconds = read_rows(rows_file)
+        rows_file.unlink()
+        train_seconds = max(train_seconds, their_seconds)
+        how = (f"side by side in two processes, {mine} and {theirs} CPU thread(s); the second process then sampled the 1-step "
+               "student's and the teacher's rows while the first trained and sampled the 4-step student (ms / image: each "
+               "process on its own threads)")
+        lora_one = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))[-1]
+        by_name = {r["name"]: r for r in [*mine_done, *theirs_done]}
+    # the grid's four columns, then the report's extra row: the teacher at the 1-step student's step count
+    results = [by_name[row.name] for row in (teacher_rows[0], teacher_rows[1], student_row, student_row_one, teacher_rows[2])]
+    for r in results:
+        print(f"  {r['name']:<20} toy FID {r['toy_fid']:7.2f}  accuracy {r['accuracy']:.3f}  "
+              f"diversity {r['diversity']:.3f}  {r['seconds_per_image'] * 1000:.1f} ms/image")
+    grid_path = out / "grid.png"
+    gen.save_png_atomic(comparison_grid([(r["name"], r["images"]) for r in results[:4]]), grid_path)
+    scores = [{k: v for k, v in r.items() if k != "images"} for r in results]
+    write_text_atomic(out / "results.json", json.dumps(scores, indent=2))
+    report = write_text_atomic(out / "report.md", _report(cfg, cfg_one, scores, train_seconds, how, final_lora.name,
+                                                          lora_one.relative_to(out), eval_images))
+    print(f"wrote {report}, {grid_path} and {final_lora.name}")
+    return final_lora
+
+
+def second_process(out_dir: str | Path, overrides: Sequence[str], eval_images: int, rows_file: str | Path) -> None:
+    """The demo's second CPU process (`dmd2 demo ... --second-process FILE`): train the 1-step student, sample and
+    score it and the teacher's rows, and write their scores, first images and the training time to ``rows_file``."""
+    from trainer.models.loading import load_sdxl
+    from trainer.train import train
+
+    cfg, cfg_one = demo_configs(Path(out_dir), overrides)
+    teacher_rows, _, student_row_one = demo_rows(cfg, cfg_one)
+    t0 = time.perf_counter()
+    lora_one = _trained(train(cfg_one))
+    train_seconds = time.perf_counter() - t0
+    print(f"LoRA: {lora_one}\nsampling the 1-step student's and the teacher's rows ...", flush=True)
+    teacher = load_sdxl(cfg.model)
+    pairs = [(student_row_one, with_lora(teacher, lora_one)[0]), *((row, teacher) for row in teacher_rows)]
+    results = evaluate_rows(pairs, cfg, eval_images)
+    tensors = {f"row{i}": r.pop("images").contiguous() for i, r in enumerate(results)}
+    save_safetensors_atomic(tensors, rows_file, {"results": json.dumps(results), "train_seconds": repr(train_seconds)})
+
+
+def read_rows(rows_file: Path) -> tuple[list[dict], float]:
+    """``second_process``'s rows (each with its first images again) and its training time."""
+    with safe_open(rows_file, "pt") as f:
+        meta = f.metadata()
+        results = json.loads(meta["results"])
+        for i, r in enumerate(results):
+            r["images"] = f.get_tensor(f"row{i}")
+    return results, float(meta["train_seconds"])
 
 
 def start_logged(argv: list[str], log: Path, threads: int) -> subprocess.Popen:

@@ -10,6 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override an option of the demo config (trainer/toy/demo.yaml), e.g. --set steps=200")
     parser.add_argument("--eval-images", type=_images_per_row, default=1000,
                         help="images per row for the report's metrics (default 1,000, as the quality table)")
+    # the demo's own second CPU process (trainer.demo.second_process): the 1-step student and the teacher's rows
+    parser.add_argument("--second-process", metavar="ROWS_FILE", help=argparse.SUPPRESS)
 
 
 def _images_per_row(text: str) -> int:
@@ -19,8 +21,11 @@ def _images_per_row(text: str) -> int:
 
 
 def run(args) -> int:
-    from trainer.demo import run_demo
+    from trainer.demo import run_demo, second_process
 
+    if args.second_process:
+        second_process(args.out, args.overrides, args.eval_images, args.second_process)
+        return 0
     lora = run_demo(args.out, args.overrides, args.eval_images)
     print(f"LoRA: {lora}")
     return 0
