@@ -161,7 +161,7 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="the students train side by side only on 2+ threads")
 def test_demo_reports_a_failed_second_process_in_one_line(tmp_path, monkeypatch):
-    """The demo's second process (1-step student, teacher's rows) fails on a truncated teacher: `dmd2 demo` stops with
+    """The demo's second process (1-step student, teacher at 50 steps) fails on a truncated teacher: `dmd2 demo` stops with
     that process's one-line error and its log, after the 4-step student trained meanwhile."""
     from trainer import demo
     from trainer.errors import DMD2Error
@@ -174,7 +174,7 @@ def test_demo_reports_a_failed_second_process_in_one_line(tmp_path, monkeypatch)
     with pytest.raises(DMD2Error) as err:
         demo.run_demo(tmp_path / "demo", ["steps=2", "checkpoint_every=2", "validate_every=0"], eval_images=20)
     message = str(err.value)
-    assert "the demo's second process (1-step student, teacher's rows) failed (log: " in message
+    assert "the demo's second process (1-step student, teacher at 50 steps) failed (log: " in message
     assert "truncated or corrupt" in message and "\n" not in message
     assert sorted((tmp_path / "demo" / "run").glob("dmd2_*_lora.safetensors"))  # the 4-step student trained meanwhile
 

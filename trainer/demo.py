@@ -84,12 +84,14 @@ def demo_configs(out: Path, overrides: Sequence[str] = ()):
     return config("run", []), config("run-1step", ONE_STEP)
 
 
-def demo_rows(cfg, cfg_one) -> tuple[list[Row], Row, Row]:
-    """The teacher's rows (50 steps, the 4-step student's count and 1 step, at the validation CFG), then the 4-step
-    student's row and the 1-step student's, each student sampled at the timesteps it trained at."""
+def demo_rows(cfg, cfg_one) -> list[Row]:
+    """The report's rows in its order: the teacher at 50 steps and at the 4-step student's count, the 4-step and the
+    1-step student (each sampled at the timesteps it trained at), the teacher at 1 step; the teacher at the validation
+    CFG. The first four are the grid's columns."""
     ts, ts_one, w = tuple(cfg.student.timesteps), tuple(cfg_one.student.timesteps), cfg.validation.teacher_cfg
-    teacher = [Row("teacher, 50 steps", 50, w), Row(f"teacher, {len(ts)} steps", len(ts), w), Row("teacher, 1 step", 1, w)]
-    return teacher, Row(f"student, {len(ts)} steps", len(ts), timesteps=ts), Row("student, 1 step", 1, timesteps=ts_one)
+    return [Row("teacher, 50 steps", 50, w), Row(f"teacher, {len(ts)} steps", len(ts), w),
+            Row(f"student, {len(ts)} steps", len(ts), timesteps=ts), Row("student, 1 step", 1, timesteps=ts_one),
+            Row("teacher, 1 step", 1, w)]
 
 
 def evaluate_rows(rows: list[tuple[Row, object]], cfg, n: int) -> list[dict]:
@@ -112,18 +114,18 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
     then compare both with the teacher; returns the 4-step LoRA.
 
     On a CPU with 2+ threads (torch's count, which follows OMP_NUM_THREADS) the work is split between two processes,
-    each on half the threads: this one trains and scores the 4-step student; a second one (`second_process`) trains
-    and scores the 1-step student, then samples and scores the teacher's rows, which depend on neither student. The
-    toy's small convolutions leave most of a second thread idle, so the 4-step student trains about as fast on one
-    thread as on two (benchmarks/toy/NOTES.md, points 42 and 66), and the 1-step student, which has no backward
-    simulation, finishes early enough for the teacher's rows to fit beside the 4-step training. On a GPU (or one
-    thread), everything runs here, one after the other."""
+    each on half the threads: the toy's small convolutions leave most of a second thread idle, so the 4-step student
+    trains about as fast on one thread as on two (benchmarks/toy/NOTES.md, points 42 and 66). This one trains the
+    4-step student and samples it and the teacher's few-step rows; a second one (`second_process`) trains the 1-step
+    student, which has no backward simulation and finishes a minute or more earlier, and samples it and the teacher's
+    50-step row, the costliest one. On a GPU (or one thread), everything runs here, one after the other."""
     from trainer.models.loading import load_sdxl
     from trainer.train import train
 
     out = Path(out_dir)
     cfg, cfg_one = demo_configs(out, overrides)
-    teacher_rows, student_row, student_row_one = demo_rows(cfg, cfg_one)
+    rows = demo_rows(cfg, cfg_one)
+    teacher_50, teacher_few, student, student_one, teacher_1 = rows
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     if torch.cuda.is_available() or threads < 2:
@@ -132,9 +134,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
         final_lora = Path(shutil.copy2(lora, out / lora.name))
         print("evaluating teacher and students on the same prompts and seeds ...")
         teacher = load_sdxl(cfg.model)
-        pairs = [*((row, teacher) for row in teacher_rows), (student_row, with_lora(teacher, final_lora)[0]),
-                 (student_row_one, with_lora(teacher, lora_one)[0])]
-        by_name = {r["name"]: r for r in evaluate_rows(pairs, cfg, eval_images)}
+        models = {student: with_lora(teacher, final_lora)[0], student_one: with_lora(teacher, lora_one)[0]}
+        results = evaluate_rows([(row, models.get(row, teacher)) for row in rows], cfg, eval_images)
     else:
         mine, theirs = threads - threads // 2, threads // 2
         rows_file, log = out / "second-process-rows.safetensors", out / "run-1step.log"
@@ -142,33 +143,33 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
         argv = [sys.executable, "-m", "trainer", "demo", "--out", str(out), *(a for o in overrides for a in ("--set", o)),
                 "--eval-images", str(eval_images), "--second-process", str(rows_file)]
         proc = start_logged(argv, log, theirs)
-        print(f"training the 1-step student, then sampling the teacher's rows, in a second process (log: {log})", flush=True)
+        print(f"training the 1-step student in a second process (log: {log})", flush=True)
         try:
             torch.set_num_threads(mine)
             lora = _trained(train(cfg))
             train_seconds = time.perf_counter() - t0
             final_lora = Path(shutil.copy2(lora, out / lora.name))
-            print("evaluating the 4-step student ...", flush=True)
-            mine_done = evaluate_rows([(student_row, with_lora(load_sdxl(cfg.model), final_lora)[0])], cfg, eval_images)
+            print("evaluating the 4-step student and the teacher at few steps ...", flush=True)
+            teacher = load_sdxl(cfg.model)
+            pairs = [(teacher_few, teacher), (student, with_lora(teacher, final_lora)[0]), (teacher_1, teacher)]
+            mine_done = evaluate_rows(pairs, cfg, eval_images)
         except BaseException:  # also Ctrl-C; a stopped trainer leaves no half-written checkpoint (temp folder + rename)
             proc.terminate()
             proc.wait()
             raise
         finally:
             torch.set_num_threads(threads)
-        print("waiting for the second process ...", flush=True)
+        print("waiting for the second process (1-step student, teacher at 50 steps) ...", flush=True)
         if proc.wait() != 0:
-            raise DMD2Error(f"the demo's second process (1-step student, teacher's rows) failed (log: {log}): {last_error(log)}")
+            raise DMD2Error(f"the demo's second process (1-step student, teacher at 50 steps) failed (log: {log}): {last_error(log)}")
         theirs_done, their_seconds = read_rows(rows_file)
         rows_file.unlink()
         train_seconds = max(train_seconds, their_seconds)
-        how = (f"side by side in two processes, {mine} and {theirs} CPU thread(s); the second process then sampled the 1-step "
-               "student's and the teacher's rows while the first trained and sampled the 4-step student (ms / image: each "
-               "process on its own threads)")
+        how = (f"side by side in two processes, {mine} and {theirs} CPU thread(s), each then sampling its student and some of the "
+               "teacher's rows while the other worked (ms / image: on that process's threads)")
         lora_one = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))[-1]
         by_name = {r["name"]: r for r in [*mine_done, *theirs_done]}
-    # the grid's four columns, then the report's extra row: the teacher at the 1-step student's step count
-    results = [by_name[row.name] for row in (teacher_rows[0], teacher_rows[1], student_row, student_row_one, teacher_rows[2])]
+        results = [by_name[row.name] for row in rows]
     for r in results:
         print(f"  {r['name']:<20} toy FID {r['toy_fid']:7.2f}  accuracy {r['accuracy']:.3f}  "
               f"diversity {r['diversity']:.3f}  {r['seconds_per_image'] * 1000:.1f} ms/image")
@@ -184,19 +185,18 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
 
 def second_process(out_dir: str | Path, overrides: Sequence[str], eval_images: int, rows_file: str | Path) -> None:
     """The demo's second CPU process (`dmd2 demo ... --second-process FILE`): train the 1-step student, sample and
-    score it and the teacher's rows, and write their scores, first images and the training time to ``rows_file``."""
+    score it and the teacher at 50 steps, and write their scores, first images and the training time to ``rows_file``."""
     from trainer.models.loading import load_sdxl
     from trainer.train import train
 
     cfg, cfg_one = demo_configs(Path(out_dir), overrides)
-    teacher_rows, _, student_row_one = demo_rows(cfg, cfg_one)
+    teacher_50, _, _, student_one, _ = demo_rows(cfg, cfg_one)
     t0 = time.perf_counter()
     lora_one = _trained(train(cfg_one))
     train_seconds = time.perf_counter() - t0
-    print(f"LoRA: {lora_one}\nsampling the 1-step student's and the teacher's rows ...", flush=True)
+    print(f"LoRA: {lora_one}\nsampling the 1-step student and the teacher at 50 steps ...", flush=True)
     teacher = load_sdxl(cfg.model)
-    pairs = [(student_row_one, with_lora(teacher, lora_one)[0]), *((row, teacher) for row in teacher_rows)]
-    results = evaluate_rows(pairs, cfg, eval_images)
+    results = evaluate_rows([(student_one, with_lora(teacher, lora_one)[0]), (teacher_50, teacher)], cfg, eval_images)
     tensors = {f"row{i}": r.pop("images").contiguous() for i, r in enumerate(results)}
     save_safetensors_atomic(tensors, rows_file, {"results": json.dumps(results), "train_seconds": repr(train_seconds)})
 
