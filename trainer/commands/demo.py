@@ -10,7 +10,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override an option of the demo config (trainer/toy/demo.yaml), e.g. --set steps=200")
     parser.add_argument("--eval-images", type=_images_per_row, default=1000,
                         help="images per row for the report's metrics (default 1,000, as the quality table)")
-    # the demo's own second CPU process (trainer.demo.second_process): the 1-step student and the teacher's rows
+    # the demo's own second CPU process (trainer.demo.second_process): the 1-step student, the teacher at 50 steps
     parser.add_argument("--second-process", metavar="ROWS_FILE", help=argparse.SUPPRESS)
 
 
