@@ -181,7 +181,8 @@ def test_demo_reports_a_failed_second_process_in_one_line(tmp_path, monkeypatch)
 
 def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_folder):
     """`dmd2 demo --set model=... --set resolution=64`: the comparison is sampled at the resolution it trained at (the
-    grid's cells are 64 pixels), not at the bundled teacher's 32."""
+    grid's cells are 64 pixels), not at the bundled teacher's 32. On one CPU thread, so everything runs in one process."""
+    import os
     import subprocess
     import sys
 
@@ -190,8 +191,9 @@ def test_demo_on_another_teacher_samples_at_its_resolution(tmp_path, tiny_sdxl_f
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "trainer", "demo", "--out", str(out), "--set", f"model={tiny_sdxl_folder}",
                              "--set", "resolution=64", "--set", "steps=2", "--set", "checkpoint_every=2", "--set", "validate_every=2",
-                             "--eval-images", "20"], capture_output=True, text=True, timeout=600)
+                             "--eval-images", "20"], capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "one after the other" in (out / "report.md").read_text() and not (out / "run-1step.log").exists()
     grid = Image.open(out / "grid.png")
     # 4 columns of 64-pixel cells with 2-pixel padding (32-pixel samples would be enlarged to 96-pixel cells)
     assert grid.width == 4 * (64 + 2) + 2

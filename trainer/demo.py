@@ -111,65 +111,26 @@ def evaluate_rows(rows: list[tuple[Row, object]], cfg, n: int) -> list[dict]:
 
 def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), eval_images: int = 1000) -> Path:
     """Train the 4-step student (the demo's LoRA, in ``out_dir``) and a 1-step student (in ``out_dir/run-1step/``),
-    then compare both with the teacher; returns the 4-step LoRA.
-
-    On a CPU with 2+ threads (torch's count, which follows OMP_NUM_THREADS) the work is split between two processes,
-    each on half the threads: the toy's small convolutions leave most of a second thread idle, so the 4-step student
-    trains about as fast on one thread as on two (benchmarks/toy/NOTES.md, points 42 and 66). This one trains the
-    4-step student and samples it and the teacher's few-step rows; a second one (`second_process`) trains the 1-step
-    student, which has no backward simulation and finishes a minute or more earlier, and samples it and the teacher's
-    50-step row, the costliest one. On a GPU (or one thread), everything runs here, one after the other."""
+    then compare both with the teacher; returns the 4-step LoRA. On a CPU with 2+ threads the work is split between two
+    processes (`_in_two_processes`); on a GPU (or one thread) it all runs here, one after the other."""
     from trainer.models.loading import load_sdxl
     from trainer.train import train
 
     out = Path(out_dir)
     cfg, cfg_one = demo_configs(out, overrides)
     rows = demo_rows(cfg, cfg_one)
-    teacher_50, teacher_few, student, student_one, teacher_1 = rows
-    threads = torch.get_num_threads()
-    t0 = time.perf_counter()
-    if torch.cuda.is_available() or threads < 2:
+    if torch.cuda.is_available() or torch.get_num_threads() < 2:
+        t0 = time.perf_counter()
         lora, lora_one = _trained(train(cfg)), _trained(train(cfg_one))
         train_seconds, how = time.perf_counter() - t0, "one after the other"
         final_lora = Path(shutil.copy2(lora, out / lora.name))
         print("evaluating teacher and students on the same prompts and seeds ...")
         teacher = load_sdxl(cfg.model)
+        _, _, student, student_one, _ = rows
         models = {student: with_lora(teacher, final_lora)[0], student_one: with_lora(teacher, lora_one)[0]}
         results = evaluate_rows([(row, models.get(row, teacher)) for row in rows], cfg, eval_images)
     else:
-        mine, theirs = threads - threads // 2, threads // 2
-        rows_file, log = out / "second-process-rows.safetensors", out / "run-1step.log"
-        write_text_atomic(out / "run-1step.yaml", dump_yaml(cfg_one))  # the 1-step student's config, for `dmd2 train`
-        argv = [sys.executable, "-m", "trainer", "demo", "--out", str(out), *(a for o in overrides for a in ("--set", o)),
-                "--eval-images", str(eval_images), "--second-process", str(rows_file)]
-        proc = start_logged(argv, log, theirs)
-        print(f"training the 1-step student in a second process (log: {log})", flush=True)
-        try:
-            torch.set_num_threads(mine)
-            lora = _trained(train(cfg))
-            train_seconds = time.perf_counter() - t0
-            final_lora = Path(shutil.copy2(lora, out / lora.name))
-            print("evaluating the 4-step student and the teacher at few steps ...", flush=True)
-            teacher = load_sdxl(cfg.model)
-            pairs = [(teacher_few, teacher), (student, with_lora(teacher, final_lora)[0]), (teacher_1, teacher)]
-            mine_done = evaluate_rows(pairs, cfg, eval_images)
-        except BaseException:  # also Ctrl-C; a stopped trainer leaves no half-written checkpoint (temp folder + rename)
-            proc.terminate()
-            proc.wait()
-            raise
-        finally:
-            torch.set_num_threads(threads)
-        print("waiting for the second process (1-step student, teacher at 50 steps) ...", flush=True)
-        if proc.wait() != 0:
-            raise DMD2Error(f"the demo's second process (1-step student, teacher at 50 steps) failed (log: {log}): {last_error(log)}")
-        theirs_done, their_seconds = read_rows(rows_file)
-        rows_file.unlink()
-        train_seconds = max(train_seconds, their_seconds)
-        how = (f"side by side in two processes, {mine} and {theirs} CPU thread(s), each then sampling its student and some of the "
-               "teacher's rows while the other worked (ms / image: on that process's threads)")
-        lora_one = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))[-1]
-        by_name = {r["name"]: r for r in [*mine_done, *theirs_done]}
-        results = [by_name[row.name] for row in rows]
+        final_lora, lora_one, results, train_seconds, how = _in_two_processes(cfg, cfg_one, rows, out, overrides, eval_images)
     for r in results:
         print(f"  {r['name']:<20} toy FID {r['toy_fid']:7.2f}  accuracy {r['accuracy']:.3f}  "
               f"diversity {r['diversity']:.3f}  {r['seconds_per_image'] * 1000:.1f} ms/image")
@@ -181,6 +142,53 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
                                                           lora_one.relative_to(out), eval_images))
     print(f"wrote {report}, {grid_path} and {final_lora.name}")
     return final_lora
+
+
+def _in_two_processes(cfg, cfg_one, rows: list[Row], out: Path, overrides: Sequence[str], eval_images: int):
+    """The demo on a CPU with 2+ threads (torch's count, which follows OMP_NUM_THREADS), in two processes on half the
+    threads each: the toy's small convolutions leave most of a second thread idle, so the 4-step student trains about
+    as fast on one thread as on two (benchmarks/toy/NOTES.md, points 42 and 66). This one trains the 4-step student and
+    samples it and the teacher's few-step rows; a second one (`second_process`) trains the 1-step student, which has no
+    backward simulation and finishes a minute or more earlier, and samples it and the teacher's 50-step row, the
+    costliest. Returns the 4-step LoRA, the 1-step one, the rows' results, the training time and how it ran."""
+    from trainer.models.loading import load_sdxl
+    from trainer.train import train
+
+    teacher_50, teacher_few, student, student_one, teacher_1 = rows
+    threads = torch.get_num_threads()
+    mine, theirs = threads - threads // 2, threads // 2
+    rows_file, log = out / "second-process-rows.safetensors", out / "run-1step.log"
+    write_text_atomic(out / "run-1step.yaml", dump_yaml(cfg_one))  # the 1-step student's config, for `dmd2 train`
+    argv = [sys.executable, "-m", "trainer", "demo", "--out", str(out), *(a for o in overrides for a in ("--set", o)),
+            "--eval-images", str(eval_images), "--second-process", str(rows_file)]
+    t0 = time.perf_counter()
+    proc = start_logged(argv, log, theirs)
+    print(f"training the 1-step student in a second process (log: {log})", flush=True)
+    try:
+        torch.set_num_threads(mine)
+        lora = _trained(train(cfg))
+        train_seconds = time.perf_counter() - t0
+        final_lora = Path(shutil.copy2(lora, out / lora.name))
+        print("evaluating the 4-step student and the teacher at few steps ...", flush=True)
+        teacher = load_sdxl(cfg.model)
+        pairs = [(teacher_few, teacher), (student, with_lora(teacher, final_lora)[0]), (teacher_1, teacher)]
+        mine_done = evaluate_rows(pairs, cfg, eval_images)
+    except BaseException:  # also Ctrl-C; a stopped trainer leaves no half-written checkpoint (temp folder + rename)
+        proc.terminate()
+        proc.wait()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    print("waiting for the second process (1-step student, teacher at 50 steps) ...", flush=True)
+    if proc.wait() != 0:
+        raise DMD2Error(f"the demo's second process (1-step student, teacher at 50 steps) failed (log: {log}): {last_error(log)}")
+    theirs_done, their_seconds = read_rows(rows_file)
+    rows_file.unlink()
+    by_name = {r["name"]: r for r in [*mine_done, *theirs_done]}
+    how = (f"side by side in two processes, {mine} and {theirs} CPU thread(s), each then sampling its student and some of the "
+           "teacher's rows while the other worked (ms / image: on that process's threads)")
+    lora_one = sorted(Path(cfg_one.output_dir).glob("dmd2_*_lora.safetensors"))[-1]
+    return final_lora, lora_one, [by_name[row.name] for row in rows], max(train_seconds, their_seconds), how
 
 
 def second_process(out_dir: str | Path, overrides: Sequence[str], eval_images: int, rows_file: str | Path) -> None:
