@@ -154,7 +154,7 @@ def _in_two_processes(cfg, cfg_one, rows: list[Row], out: Path, overrides: Seque
     from trainer.models.loading import load_sdxl
     from trainer.train import train
 
-    teacher_50, teacher_few, student, student_one, teacher_1 = rows
+    _, teacher_few, student, student_one, teacher_1 = rows  # the second process samples the 50-step row
     threads = torch.get_num_threads()
     mine, theirs = threads - threads // 2, threads // 2
     rows_file, log = out / "second-process-rows.safetensors", out / "run-1step.log"
