@@ -7,8 +7,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-installed=$(ls "$site")
 # pip byte-compiles what it installs on one core (about 40 s here); compileall afterwards uses every core (24 s on 2)
 if ! python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
@@ -18,6 +16,11 @@ constraints=${CONSTRAINTS-constraints.txt}  # the versions CI last passed with; 
 # shellcheck disable=SC2086
 python -m pip install -q --no-compile ${constraints:+-c "$constraints"} -e ".[${EXTRAS:-test}]" 2>&1 \
   | grep -v '^WARNING: Location' || true
-# (a few packages ship files that are not Python 3, which compileall reports and pip skipped silently)
-[ "$installed" = "$(ls "$site")" ] || python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
+# Compiled again whenever site-packages differs from the listing last compiled (a run stopped before this line too).
+# A few packages ship files that are not Python 3, which compileall reports and pip skipped silently.
+site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ "$(ls "$site")" != "$(cat .venv/.compiled-listing 2>/dev/null)" ]; then
+  python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
+  ls "$site" > .venv/.compiled-listing
+fi
 python -c "import torch, diffusers, peft, transformers" || { echo "setup failed: see pip's output above" >&2; exit 1; }
