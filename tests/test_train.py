@@ -167,6 +167,45 @@ def test_dmd_noise_draws_renoise_each_sample_that_often(tmp_path, data_dir, tiny
         load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", **{"dmd.noise_draws": 0})).validate()
 
 
+def test_student_batch_size_gives_the_student_more_samples_than_the_critic(tmp_path, data_dir, tiny_sdxl_file, monkeypatch):
+    """student.batch_size=5 with batch_size 2 in micro-batches of 2: on the student's iterations (every 2nd) its
+    losses see chunks of 2, 2 and 1 samples and the critic trains on the first chunk's samples only; on the others
+    the critic sees 2; a student batch under batch_size is refused."""
+    import trainer.train as train_module
+    from trainer.errors import ConfigError
+
+    student_chunks: list[tuple[int, int]] = []  # (iteration, samples) of each student loss call
+    critic_chunks: list[tuple[int, int]] = []
+    first_chunk: dict[int, int] = {}  # iteration -> data pointer of its first student chunk's samples
+    real_student, real_critic, real_iteration = train_module.student_losses, train_module.critic_losses, train_module.train_iteration
+    now = [0]
+
+    def spy_iteration(s, step):
+        now[0] = step
+        return real_iteration(s, step)
+
+    def spy_student(roles, head, schedule, x0, *args, **kwargs):
+        first_chunk.setdefault(now[0], x0.data_ptr())
+        student_chunks.append((now[0], len(x0)))
+        return real_student(roles, head, schedule, x0, *args, **kwargs)
+
+    def spy_critic(roles, head, schedule, fake, *args, **kwargs):
+        critic_chunks.append((now[0], len(fake)))
+        assert now[0] not in first_chunk or fake.data_ptr() == first_chunk[now[0]]
+        return real_critic(roles, head, schedule, fake, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_iteration", spy_iteration)
+    monkeypatch.setattr(train_module, "student_losses", spy_student)
+    monkeypatch.setattr(train_module, "critic_losses", spy_critic)
+    lora = train(load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "run", steps=4, micro_batch_size=2,
+                                          **{"student.batch_size": 5})))
+    assert lora.exists()
+    assert student_chunks == [(0, 2), (0, 2), (0, 1), (2, 2), (2, 2), (2, 1)]
+    assert critic_chunks == [(i, 2) for i in range(4)] and sorted(first_chunk) == [0, 2]
+    with pytest.raises(ConfigError, match=r"student.batch_size \(1\) must be at least batch_size \(2\)"):
+        load_config(base=_config(data_dir, tiny_sdxl_file, tmp_path / "bad", **{"student.batch_size": 1})).validate()
+
+
 @pytest.mark.parametrize("below_step, timesteps", [(True, [999, 749, 499, 249]), (False, [999, 749, 499, 249]), (True, [399])])
 def test_dmd_timestep_below_the_step_input(tmp_path, data_dir, tiny_sdxl_file, monkeypatch, below_step, timesteps):
     """With dmd.t_below_step the DMD loss of a sample made by student step k > 0 re-noises it only within [20, t_k];

@@ -119,6 +119,7 @@ class TrainingSetup:
     rank: int = 0
     world: int = 1
     autocast: Callable = contextlib.nullcontext
+    student_batch_size: int | None = None  # samples behind each student update (default: batch_size)
 
 
 def make_roles(cfg: TrainConfig, unet) -> DMD2Roles:
@@ -165,17 +166,22 @@ def build_training(cfg: TrainConfig, unet, schedule, *, cond, uncond: Conditioni
         autocast = lambda: torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)  # noqa: E731
     return TrainingSetup(roles, head, schedule, settings, student_opt, critic_opt, student_sched, critic_sched, student_params,
                          critic_params, cond, uncond, real, tuple(latent_shape), device, weight_dtype, cfg.batch_size,
-                         plan.micro_batch_size, cfg.student.update_every, cfg.optim.grad_clip, cfg.seed, rank, world, autocast)
+                         plan.micro_batch_size, cfg.student.update_every, cfg.optim.grad_clip, cfg.seed, rank, world, autocast,
+                         student_batch_size=cfg.student.batch_size)
 
 
 def train_iteration(s: TrainingSetup, step: int) -> Losses:
     """One DMD2 iteration: the student's sample (backward simulation), on every ``update_every``-th step the student
     update (DMD + GAN generator loss), then the critic and GAN head update. Every random draw comes from generators
     seeded by (seed, step[, rank]): a resumed run repeats exactly what a straight run does. A batch larger than the
-    micro-batch is processed in chunks whose gradients are accumulated (weighted by their share of the batch)."""
+    micro-batch is processed in chunks whose gradients are accumulated (weighted by their share of the batch). With
+    ``student.batch_size`` the student's iterations draw that many samples and the critic trains on the first
+    ``batch_size`` of them."""
     rng = StepRandomness(torch.Generator().manual_seed(step_seed(s.seed, step, s.rank)),
                          torch.Generator().manual_seed(step_seed(s.seed, step, None)))
-    device, dtype, batch, roles = s.device, s.dtype, s.batch_size, s.roles
+    device, dtype, roles = s.device, s.dtype, s.roles
+    update_student = updates_student(step, s.update_every)
+    batch = (s.student_batch_size or s.batch_size) if update_student else s.batch_size
     idx = torch.randint(len(s.cond), (batch,), generator=rng.local)
     cond = s.cond.index(idx).to(device, dtype)
     uncond = s.uncond.index([0] * batch).to(device, dtype)
@@ -183,7 +189,6 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
     if s.settings.use_gan:
         real_x0, real_c = s.real.draw(batch, rng.local)
         real_x0, real_c = real_x0.to(device, dtype), real_c.to(device, dtype)
-    update_student = updates_student(step, s.update_every)
     chunks = [slice(i, min(i + s.micro_batch_size, batch)) for i in range(0, batch, s.micro_batch_size)]
     split = len(chunks) > 1
     parts: list[tuple[Losses, float]] = []
@@ -211,27 +216,28 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
             s.student_opt.zero_grad(set_to_none=True)
             parts[0][0].values["student/grad_norm"] = norm
         s.critic_opt.zero_grad(set_to_none=True)
-        for k, c in enumerate(chunks):
-            part, share = parts[k]
-            fake, step_index = fakes[k]
+        # The critic's chunks: the student's, cut at batch_size (more only when the student drew a bigger batch)
+        critic_chunks = [slice(c.start, min(c.stop, s.batch_size)) for c in chunks if c.start < s.batch_size]
+        split = split or batch > s.batch_size
+        for k, c in enumerate(critic_chunks):
+            part, share = Losses(), (c.stop - c.start) / s.batch_size
+            fake, step_index = fakes[k][0][: c.stop - c.start], fakes[k][1]
             loss = critic_losses(roles, s.head, s.schedule, fake, cond.index(c) if split else cond, s.settings, rng, part,
                                  real_x0[c] if split and real_x0 is not None else real_x0, real_c.index(c) if split and real_c is not None else real_c,
                                  step_index)
             _finite_or_stop(part, step)
             (loss * share if split else loss).backward(inputs=s.critic_params)
+            parts.append((part, share))
         # Only the critics that judged this iteration's samples have gradients (one per student step: the others did
         # not run); every rank drew the same steps, so all reduce the same list
         norm = sync_and_clip([p for p in s.critic_params if p.grad is not None], s.world, s.grad_clip)
         s.critic_opt.step()
         s.critic_sched.step()
         s.critic_opt.zero_grad(set_to_none=True)
-    if not split:
-        losses = parts[0][0]
-    else:
-        losses = Losses()
-        for part, share in parts:
-            for key, value in part.values.items():
-                losses.values[key] = losses.values.get(key, 0.0) + (value if key.endswith("grad_norm") else value * share)
+    losses = Losses()  # the student's and the critic's chunks, each weighted by its share of its own batch
+    for part, share in parts:
+        for key, value in part.values.items():
+            losses.values[key] = losses.values.get(key, 0.0) + (value if key.endswith("grad_norm") else value * share)
     losses.values["critic/grad_norm"] = norm
     return losses
 
