@@ -25,7 +25,8 @@ class StudentConfig:
     lr: float = 5e-5
     # Samples behind each student update (null: batch_size); the critic still trains on batch_size of them. More
     # samples steady the DMD gradient: on the toy teacher 4x lowered the 4-step student's FID at 1,200 iterations
-    # (mean 1.19 against 1.38) for 1.4x the training time (benchmarks/toy/NOTES.md, point 76)
+    # (mean 1.19 against 1.38) for 1.4x the training time, and the long recipe's from 1.09-1.12x the teacher-50 row to
+    # 0.95-0.96x at two training seeds (benchmarks/toy/NOTES.md, points 76-77)
     batch_size: int | None = None
     # From this iteration on, keep the mean of the student's weights after each of its updates and export that mean
     # instead of its last weights (null: DMD2's). Late in a run the student drifts around a level that the mean of its
