@@ -218,15 +218,15 @@ def train_iteration(s: TrainingSetup, step: int) -> Losses:
         s.critic_opt.zero_grad(set_to_none=True)
         # The critic's chunks: the student's, cut at batch_size (more only when the student drew a bigger batch)
         critic_chunks = [slice(c.start, min(c.stop, s.batch_size)) for c in chunks if c.start < s.batch_size]
-        split = split or batch > s.batch_size
+        critic_split = split or batch > s.batch_size  # the critic sees a slice even when the student's was whole
         for k, c in enumerate(critic_chunks):
             part, share = Losses(), (c.stop - c.start) / s.batch_size
             fake, step_index = fakes[k][0][: c.stop - c.start], fakes[k][1]
-            loss = critic_losses(roles, s.head, s.schedule, fake, cond.index(c) if split else cond, s.settings, rng, part,
-                                 real_x0[c] if split and real_x0 is not None else real_x0, real_c.index(c) if split and real_c is not None else real_c,
+            loss = critic_losses(roles, s.head, s.schedule, fake, cond.index(c) if critic_split else cond, s.settings, rng, part,
+                                 real_x0[c] if critic_split and real_x0 is not None else real_x0, real_c.index(c) if critic_split and real_c is not None else real_c,
                                  step_index)
             _finite_or_stop(part, step)
-            (loss * share if split else loss).backward(inputs=s.critic_params)
+            (loss * share if critic_split else loss).backward(inputs=s.critic_params)
             parts.append((part, share))
         # Only the critics that judged this iteration's samples have gradients (one per student step: the others did
         # not run); every rank drew the same steps, so all reduce the same list
