@@ -68,8 +68,8 @@ def load_evaluators() -> dict[str, ToyEvaluator]:
 # critic's twice the student's): on the second teacher that holds the student's prompt accuracy at three training
 # seeds, where 0.05 loses 3.5 points on average, and on the bundled one it keeps the FID level (1.04-1.12x the
 # teacher-50 row at three training seeds, 0.05: 1.06-1.12x; NOTES.md points 61, 68). The student's update draws 64
-# samples (student.batch_size=64, the critic's 16): 0.95-0.96x at two training seeds against batch 16's 1.09-1.12x,
-# for 1.4x the training time (NOTES.md point 77). Its ablations share it, so each compares like with like.
+# samples (student.batch_size=64, the critic's 16): 0.94-0.96x at three training seeds against batch 16's 1.04-1.12x,
+# for 1.4x the training time (NOTES.md points 77, 80). Its ablations share it, so each compares like with like.
 LONG_RECIPE = ["student.timesteps=[799,599,399,199]", "steps=7200", "checkpoint_every=1200", "optim.lr_schedule=cosine",
                "student.average_from=4800", "student.batch_size=64"]
 LONG_FOUR_STEP = [*LONG_RECIPE, "gan.critic_weight=0.2"]
