@@ -1,11 +1,14 @@
 """All-or-nothing output files (trainer/files.py): the old file survives a failed write, and no temp file stays."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from PIL import Image
 
 from trainer import export
+from trainer.checkpoint import save_checkpoint
 from trainer.export import save_safetensors_atomic
 from trainer.files import atomic_write, write_text_atomic
 from trainer.generate import save_png_atomic
@@ -55,3 +58,18 @@ def test_png_and_safetensors_writers_are_all_or_nothing(tmp_path, monkeypatch):
         save_safetensors_atomic({"w": torch.zeros(2)}, lora)
     assert (png.read_bytes(), lora.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "lora.safetensors"]
+
+
+def test_finished_files_get_the_umask_permissions_whatever_the_writer_chose(tmp_path):
+    # safetensors creates its files 0o600: a LoRA must be as readable as any other file the user writes
+    old = os.umask(0o022)
+    try:
+        lora = save_safetensors_atomic({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+        text = write_text_atomic(tmp_path / "a.md", "x")
+        folder = save_checkpoint(tmp_path / "run", 1, weights={"student": {"w": torch.ones(2)}}, training_state={}, info={})
+        os.umask(0o027)
+        private = save_safetensors_atomic({"w": torch.ones(2)}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    files = [lora, text, folder / "student.safetensors", private]
+    assert [p.stat().st_mode & 0o777 for p in files] == [0o644, 0o644, 0o644, 0o640]

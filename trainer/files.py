@@ -1,7 +1,9 @@
 """Writing output files so that none is ever half-written: the bytes go to a temp file beside the target, which is
 renamed into place only once complete (``os.replace`` is atomic within one file system). A crash, a full disk or
 Ctrl-C leaves the previous file or none, never a torn one; an error or Ctrl-C also deletes the temp file (a killed
-process can leave a hidden ``.NAME.*.tmp`` beside it)."""
+process can leave a hidden ``.NAME.*.tmp`` beside it). The finished file gets the permissions a plain ``open`` would
+give it (0o666 less the umask), whatever the writer chose: safetensors writes its files readable by their owner only,
+and a LoRA that a ComfyUI running as another user cannot read is no use."""
 from __future__ import annotations
 
 import os
@@ -9,6 +11,25 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only read it by setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_plain_permissions(path: str | os.PathLike) -> None:
+    """Set ``path``'s mode to what ``open`` would have created it with: 0o666 less the umask."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextmanager
@@ -20,6 +41,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # same folder: a rename never crosses disks
     try:
         yield tmp
+        give_plain_permissions(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
