@@ -66,10 +66,13 @@ def test_finished_files_get_the_umask_permissions_whatever_the_writer_chose(tmp_
     try:
         lora = save_safetensors_atomic({"w": torch.ones(2)}, tmp_path / "a.safetensors")
         text = write_text_atomic(tmp_path / "a.md", "x")
-        folder = save_checkpoint(tmp_path / "run", 1, weights={"student": {"w": torch.ones(2)}}, training_state={}, info={})
+        weights = {"student": {"w": torch.ones(2)}}
+        folder = save_checkpoint(tmp_path / "run", 1, weights=weights, training_state={}, info={})
         os.umask(0o027)
         private = save_safetensors_atomic({"w": torch.ones(2)}, tmp_path / "b.safetensors")
+        os.chmod(text, 0o600)  # an existing file keeps its own mode, as with open(path, "w")
+        write_text_atomic(text, "y")
     finally:
         os.umask(old)
     files = [lora, text, folder / "student.safetensors", private]
-    assert [p.stat().st_mode & 0o777 for p in files] == [0o644, 0o644, 0o644, 0o640]
+    assert [p.stat().st_mode & 0o777 for p in files] == [0o644, 0o600, 0o644, 0o640]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import ConfigError
-from trainer.files import give_plain_permissions
+from trainer.files import new_file_mode
 
 STATE_FILE = "state.json"
 
@@ -70,7 +70,7 @@ def save_checkpoint(output_dir: Path, step: int, *, weights: dict[str, dict[str,
     tmp.mkdir()
     for stem, state in weights.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / f"{stem}.safetensors")
-        give_plain_permissions(tmp / f"{stem}.safetensors")  # safetensors writes 0o600
+        os.chmod(tmp / f"{stem}.safetensors", new_file_mode())  # safetensors writes 0o600
     torch.save(training_state, tmp / "training_state.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **info}, indent=2, default=str))
     if final.exists():

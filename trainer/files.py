@@ -2,11 +2,12 @@
 renamed into place only once complete (``os.replace`` is atomic within one file system). A crash, a full disk or
 Ctrl-C leaves the previous file or none, never a torn one; an error or Ctrl-C also deletes the temp file (a killed
 process can leave a hidden ``.NAME.*.tmp`` beside it). The finished file gets the permissions a plain ``open`` would
-give it (0o666 less the umask), whatever the writer chose: safetensors writes its files readable by their owner only,
-and a LoRA that a ComfyUI running as another user cannot read is no use."""
+give it (0o666 less the umask; a file it replaces keeps its own), whatever the writer chose: safetensors writes its
+files readable by their owner only, and a LoRA that a ComfyUI running as another user cannot read is no use."""
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +28,17 @@ def _umask() -> int:
     return mask
 
 
-def give_plain_permissions(path: str | os.PathLike) -> None:
-    """Set ``path``'s mode to what ``open`` would have created it with: 0o666 less the umask."""
-    os.chmod(path, 0o666 & ~_umask())
+def new_file_mode() -> int:
+    """The mode ``open`` gives a file it creates: 0o666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def plain_mode(path: str | os.PathLike) -> int:
+    """The mode ``open(path, "w")`` would leave: an existing file's own, else a new file's."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return new_file_mode()
 
 
 @contextmanager
@@ -41,7 +50,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # same folder: a rename never crosses disks
     try:
         yield tmp
-        give_plain_permissions(tmp)
+        os.chmod(tmp, plain_mode(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
