@@ -60,7 +60,7 @@ def test_png_and_safetensors_writers_are_all_or_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "lora.safetensors"]
 
 
-def test_finished_files_get_the_umask_permissions_whatever_the_writer_chose(tmp_path):
+def test_finished_files_get_the_mode_open_would_give_whatever_the_writer_chose(tmp_path):
     # safetensors creates its files 0o600: a LoRA must be as readable as any other file the user writes
     old = os.umask(0o022)
     try:
