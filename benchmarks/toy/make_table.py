@@ -15,6 +15,7 @@ exactly as `dmd2 demo` trains its LoRA, the 1-step student gets 9x its iteration
 backward simulation, and a full critic instead of the LoRA critic.
 Students are trained with the real trainer into `--work` (`--jobs 2`: in two processes first); a student whose LoRA
 exists is not trained again (`--train-only` trains some), and one trained with another config or teacher is refused.
+Ctrl-C stops every student in training with a checkpoint (and starts no other); the same command then resumes them.
 `--rows` re-scores only some students (e.g. after their recipe changed) and keeps the other rows of `--out`'s table.
 Every row is also scored by two second-opinion classifiers (the evaluator's classifier trained with seeds 1 and 2).
 Writes `results.json` (rows with name, steps, toy_fid, accuracy, diversity, seconds_per_image, image_size and
@@ -166,7 +167,11 @@ def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | No
         print(f"{sid}: reusing {done}")
         return done, False
     resume = "latest" if (work / sid / "checkpoints").is_dir() else None
-    return train(cfg, resume=resume), True
+    lora = train(cfg, resume=resume)
+    if lora is None:  # Ctrl-C: the trainer kept a checkpoint and returned; the next student must not start
+        raise SystemExit(f"error: {sid} stopped at Ctrl-C (checkpoint kept in {work / sid / 'checkpoints'}): run the same command "
+                         "again to resume")
+    return lora, True
 
 
 def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None,
@@ -191,7 +196,14 @@ def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int
         log = work / f"train-{i}.log"
         print(f"training {', '.join(group)} in a parallel process (log: {log})", flush=True)
         running.append((start_logged([sys.executable, __file__, *flags, "--train-only", ",".join(group)], log, threads), log))
-    failed = [log for proc, log in running if proc.wait() != 0]
+    try:
+        codes = [proc.wait() for proc, _ in running]
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reached the processes too: each ends its iteration with a checkpoint
+        for proc, _ in running:
+            proc.wait()
+        raise SystemExit(f"error: stopped at Ctrl-C (the students' checkpoints are kept in {work}): run the same command again "
+                         "to resume") from None
+    failed = [log for (_, log), code in zip(running, codes) if code != 0]
     if failed:
         raise SystemExit(f"error: training students failed ({', '.join(map(str, failed))}): {last_error(failed[0])}")
 
