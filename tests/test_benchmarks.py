@@ -183,6 +183,24 @@ def test_make_table_parallel_training_reports_a_failed_process(tmp_path, tiny_sd
     assert unknown.returncode != 0 and "--train-only student-3: no such student; pick from student-4," in unknown.stderr.strip().splitlines()[-1]
 
 
+def _ctrl_c_once_training(cmd: list[str], logs: list[Path], out: Path) -> int:
+    """Run ``cmd`` (stdout to ``out``, stderr to ``out``.err) as a terminal's foreground job, a process group of its
+    own, and press Ctrl-C there once every one of ``logs`` shows a finished iteration of its 100,000 (the trainer's
+    Ctrl-C handler is then installed). Returns the exit status; whatever of the group is still running is killed."""
+    with out.open("w") as stdout, out.with_suffix(".err").open("w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not all(log.is_file() and re.search(r"\| [1-9]\d*/100000", log.read_text()) for log in logs):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # e.g. a process that went on training after the command ended
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_make_table_stops_at_ctrl_c_keeping_checkpoints_and_starts_no_further_student(tmp_path, tiny_sdxl_file):
     """A terminal's Ctrl-C reaches the table command and its training processes (one process group): each student in
     training ends its iteration with a checkpoint, no process goes on to its next student, and the command waits for
@@ -190,27 +208,28 @@ def test_make_table_stops_at_ctrl_c_keeping_checkpoints_and_starts_no_further_st
     work = tmp_path / "work"
     cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "make_table.py"), "--steps", "100000", "--work", str(work), "--teacher",
            str(tiny_sdxl_file), "--train-only", "student-4,no-gan,student-2", "--jobs", "2"]  # student-2 queues behind student-4
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            cwd=REPO, start_new_session=True)  # a process group of its own, as a terminal's foreground job
-    try:
-        logs, deadline = [work / "train-0.log", work / "train-1.log"], time.monotonic() + 300
-        # an iteration done in each: the trainer's Ctrl-C handler is installed
-        while not all(log.is_file() and re.search(r"\| [1-9]\d*/100000", log.read_text()) for log in logs):
-            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever of its group is left (a process that went on training)
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert "training student-4, student-2 in a parallel process" in out
-    assert proc.returncode != 0
-    assert err.strip().splitlines()[-1] == f"error: stopped at Ctrl-C (the students' checkpoints are kept in {work}): run the same command again to resume"
+    logs = [work / "train-0.log", work / "train-1.log"]
+    assert _ctrl_c_once_training(cmd, logs, tmp_path / "out") != 0
+    assert "training student-4, student-2 in a parallel process" in (tmp_path / "out").read_text()
+    error = (tmp_path / "out.err").read_text().strip().splitlines()[-1]
+    assert error == f"error: stopped at Ctrl-C (the students' checkpoints are kept in {work}): run the same command again to resume"
     for sid, log in (("student-4", logs[0]), ("no-gan", logs[1])):
         assert len(list((work / sid / "checkpoints").glob("step-*"))) == 1 and not list((work / sid).glob("dmd2_*_lora.safetensors"))
         assert log.read_text().strip().splitlines()[-1] == (f"error: {sid} stopped at Ctrl-C (checkpoint kept in {work / sid / 'checkpoints'}): "
                                                             "run the same command again to resume")
     assert not (work / "student-2").exists()  # its process stopped instead of starting it
+
+
+def test_score_checkpoints_stops_at_ctrl_c_without_scoring(tmp_path):
+    """Ctrl-C while `score_checkpoints.py --train` trains: a checkpoint is kept, nothing is scored, and the command ends
+    with a one-line error saying how to resume."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy" / "score_checkpoints.py"), str(run), "--n", "40", "--train", "--set",
+           "steps=100000", "batch_size=2", "micro_batch_size=2"]
+    assert _ctrl_c_once_training(cmd, [tmp_path / "out.err"], tmp_path / "out") != 0
+    error = (tmp_path / "out.err").read_text().strip().splitlines()[-1]
+    assert error == f"error: training stopped at Ctrl-C (checkpoint kept in {run / 'checkpoints'}): run the same command again to resume"
+    assert len(list((run / "checkpoints").glob("step-*"))) == 1 and not (run / "scores.jsonl").exists()
 
 
 def test_score_checkpoints_trains_and_scores_every_checkpoint_once(tmp_path):

@@ -50,7 +50,9 @@ def train_run(run_dir: Path, teacher: str, overrides: list[str]) -> float:
     # Keep every checkpoint (they are scored), and skip validation images (nobody looks at them here).
     cfg = load_config(demo_config_path(), ["keep_checkpoints=1000", "validate_every=0", *overrides], base=base).validate()
     start = time.time()
-    train(cfg, resume="latest" if (run_dir / "checkpoints").is_dir() else None)
+    if train(cfg, resume="latest" if (run_dir / "checkpoints").is_dir() else None) is None:  # Ctrl-C: do not go on to score
+        raise SystemExit(f"error: training stopped at Ctrl-C (checkpoint kept in {run_dir / 'checkpoints'}): run the same command "
+                         "again to resume")
     return time.time() - start
 
 
