@@ -232,6 +232,14 @@ def last_error(log: Path) -> str:
     return last[0].removeprefix("error: ")
 
 
+def trained_or_exit(lora: Path | None, what: str, checkpoints: Path) -> Path:
+    """``train``'s LoRA, or a one-line exit when Ctrl-C stopped it (it kept a checkpoint and returned None), for the
+    benchmark commands that would otherwise go on to their next student or to scoring."""
+    if lora is None:
+        raise SystemExit(f"error: {what} stopped at Ctrl-C (checkpoint kept in {checkpoints}): run the same command again to resume")
+    return lora
+
+
 def _trained(lora: Path | None) -> Path:
     if lora is None:  # the trainer saved a checkpoint on Ctrl-C and returned
         raise KeyboardInterrupt

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
-from trainer.demo import ONE_STEP, demo_config_path, last_error, start_logged, write_demo_data  # noqa: E402
+from trainer.demo import ONE_STEP, demo_config_path, last_error, start_logged, trained_or_exit, write_demo_data  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import read_lora, with_lora  # noqa: E402
 from trainer.files import write_text_atomic  # noqa: E402
@@ -167,11 +167,7 @@ def train_student(sid: str, work: Path, data: tuple[Path, Path], steps: int | No
         print(f"{sid}: reusing {done}")
         return done, False
     resume = "latest" if (work / sid / "checkpoints").is_dir() else None
-    lora = train(cfg, resume=resume)
-    if lora is None:  # Ctrl-C: the trainer kept a checkpoint and returned; the next student must not start
-        raise SystemExit(f"error: {sid} stopped at Ctrl-C (checkpoint kept in {work / sid / 'checkpoints'}): run the same command "
-                         "again to resume")
-    return lora, True
+    return trained_or_exit(train(cfg, resume=resume), sid, work / sid / "checkpoints"), True  # Ctrl-C: no next student
 
 
 def train_in_parallel(jobs: int, work: Path, data: tuple[Path, Path], steps: int | None, teacher: Path | None,

@@ -42,7 +42,7 @@ from make_table import SECOND_OPINION_NAMES, load_evaluators, seed_list  # noqa:
 def train_run(run_dir: Path, teacher: str, overrides: list[str]) -> float:
     """demo.yaml + ``overrides`` trained into ``run_dir`` (resumed when it has checkpoints); returns the seconds."""
     from trainer.config import load_config
-    from trainer.demo import demo_config_path, write_demo_data
+    from trainer.demo import demo_config_path, trained_or_exit, write_demo_data
     from trainer.train import train
 
     prompts, images = write_demo_data(run_dir / "data")
@@ -50,9 +50,8 @@ def train_run(run_dir: Path, teacher: str, overrides: list[str]) -> float:
     # Keep every checkpoint (they are scored), and skip validation images (nobody looks at them here).
     cfg = load_config(demo_config_path(), ["keep_checkpoints=1000", "validate_every=0", *overrides], base=base).validate()
     start = time.time()
-    if train(cfg, resume="latest" if (run_dir / "checkpoints").is_dir() else None) is None:  # Ctrl-C: do not go on to score
-        raise SystemExit(f"error: training stopped at Ctrl-C (checkpoint kept in {run_dir / 'checkpoints'}): run the same command "
-                         "again to resume")
+    lora = train(cfg, resume="latest" if (run_dir / "checkpoints").is_dir() else None)
+    trained_or_exit(lora, "training", run_dir / "checkpoints")  # Ctrl-C: do not go on to score
     return time.time() - start
 
 
