@@ -130,7 +130,11 @@ _WHERE_KEYS = ("model", "output_dir", "prompts", "images", "keep_checkpoints", "
 def trained_config(cfg: TrainConfig) -> dict:
     """What ``cfg`` trains, as plain data: every key but those of ``_WHERE_KEYS``. Through the loader, so keys added to
     the config since (at their defaults) compare equal."""
-    return {k: v for k, v in yaml.safe_load(dump_yaml(cfg.validate())).items() if k not in _WHERE_KEYS}
+    return _trained_keys(cfg.validate())
+
+
+def _trained_keys(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in yaml.safe_load(dump_yaml(cfg)).items() if k not in _WHERE_KEYS}
 
 
 def _differing(was: dict, now: dict) -> list[str]:
@@ -342,7 +346,12 @@ def kept_row(previous: dict, sid: str, config: dict) -> dict:
     row = next((r for r in previous["rows"] if r.get("student", r["name"]) in (sid, name)), None)
     if row is None:
         raise SystemExit(f"error: the table has no row for {sid}: add it to --rows")
-    differ = _differing(row["config"], config) if "config" in row else []  # tables before 2026-12 did not record it
+    differ = []  # tables before 2026-12 did not record the config
+    if "config" in row:
+        try:  # through the loader, as a saved config.yaml is: keys added to the config since read as their defaults
+            differ = _differing(_trained_keys(load_config(base=row["config"])), config)
+        except DMD2Error as exc:  # e.g. a key the config no longer has
+            differ = [str(exc).split(":", 1)[0]]
     if differ:
         raise SystemExit(f"error: {sid}'s row was made with another config ({', '.join(differ)}): add it to --rows")
     return {**row, "student": sid}
