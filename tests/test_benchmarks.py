@@ -191,8 +191,11 @@ def _ctrl_c_once_training(cmd: list[str], logs: list[Path], out: Path) -> int:
     """Run ``cmd`` (stdout to ``out``, stderr to ``out``.err) as a terminal's foreground job, a process group of its
     own, and press Ctrl-C there once every one of ``logs`` shows a finished iteration of its 100,000 (the trainer's
     Ctrl-C handler is then installed). Returns the exit status; whatever of the group is still running is killed."""
+    def as_foreground_job():  # SIGINT as a terminal leaves it: a suite started in the background (`cmd &` without job
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # control) passes SIGINT down ignored, and Python keeps it so
     with out.open("w") as stdout, out.with_suffix(".err").open("w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO, start_new_session=True,
+                                preexec_fn=as_foreground_job)
     try:
         deadline = time.monotonic() + 300
         while not all(log.is_file() and re.search(r"\| [1-9]\d*/100000", log.read_text()) for log in logs):
