@@ -151,6 +151,15 @@ def test_make_table_on_another_teacher(tmp_path, tiny_sdxl_folder):
     refused = subprocess.run([*made_with, "--rows", "no-gan"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     error = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode != 0 and error == "error: no-backsim's row was made with another config (steps): add it to --rows"
+    # a row recorded with a key the config no longer has is refused, naming the key
+    gone = dict(again, rows=[dict(r, config=dict(r["config"], dmd=dict(r["config"]["dmd"], old_option=1)))
+                             if r.get("student") == "no-backsim" else r for r in again["rows"]])
+    (tmp_path / "work" / "results_full.json").write_text(json.dumps(gone))
+    refused = subprocess.run([*made_with, "--rows", "no-gan"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    error = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode != 0 and error == ("error: no-backsim's row was made with another config (unknown config key "
+                                                 "dmd.old_option): add it to --rows")
+    (tmp_path / "work" / "results_full.json").write_text(json.dumps(stale))
     refused = subprocess.run([*made_with, "--rows", "no-gan", "--n", "30"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert refused.returncode != 0 and "results_full.json was made with other --n: pass the flags" in refused.stderr.strip().splitlines()[-1]
     refused = subprocess.run([*cmd, "--train-only", "student-4"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
