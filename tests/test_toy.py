@@ -240,3 +240,53 @@ def test_demo_refuses_too_few_evaluation_images_before_training(tmp_path):
         assert result.returncode == 2
         assert says in result.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_demo_long_recipe_trains_the_tables_rows(tmp_path):
+    """`dmd2 demo --recipe long` trains what the quality table's "student 4-step, long recipe" and "student 1-step" rows
+    train (so its report is their figures at sampling seed 0), and the default recipe's 4-step student is the table's
+    "student 4-step": both take their overrides from trainer/toy/recipes.py."""
+    import importlib.util
+
+    from trainer import demo
+    from trainer.errors import DMD2Error
+
+    spec = importlib.util.spec_from_file_location("make_table", Path(__file__).parents[1] / "benchmarks" / "toy" / "make_table.py")
+    make_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_table)
+    data = demo.write_demo_data(tmp_path / "data")
+
+    def table(sid):
+        return make_table.trained_config(make_table.student_config(sid, tmp_path / "work", data, None))
+
+    long_four, long_one = demo.demo_configs(tmp_path / "long", recipe="long")
+    assert make_table.trained_config(long_four) == table("student-4-long")
+    assert make_table.trained_config(long_one) == table("student-1")
+    assert make_table.trained_config(demo.demo_configs(tmp_path / "demo")[0]) == table("student-4")
+    assert table("student-4-long")["steps"] == 7200 and table("student-1")["steps"] == 10800  # not demo.yaml's 1,200
+    with pytest.raises(DMD2Error, match="unknown demo recipe 'longer': choose one of demo, long"):
+        demo.demo_configs(tmp_path / "demo", recipe="longer")
+
+
+def test_demo_cli_long_recipe_shortened(tmp_path):
+    """`dmd2 demo --recipe long`, shortened by --set (which wins over the recipe): the 4-step LoRA reads its first step at
+    799 and the report names the recipe and both students' iterations."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "trainer", "demo", "--recipe", "long", "--out", str(out), "--set", "steps=6",
+                             "--set", "checkpoint_every=3", "--set", "student.average_from=3", "--set", "validate_every=0",
+                             "--eval-images", "20"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lora = Path(result.stdout.strip().splitlines()[-1].removeprefix("LoRA: "))
+    with safe_open(lora, "pt") as f:
+        assert json.loads(f.metadata()["dmd2.timesteps"]) == [799, 599, 399, 199]
+    report = (out / "report.md").read_text()
+    assert "6 iterations, student timesteps [799, 599, 399, 199]" in report and "(6 iterations, timestep 599)" in report
+    assert "recipe: long" in report and "| teacher, 50 steps | 50 | 1.5 |" in report
+    rows = json.loads((out / "results.json").read_text())
+    student = rows[2]["toy_fid"] / rows[0]["toy_fid"]  # the report's ratio column: to the teacher at 50 steps
+    assert rows[2]["name"] == "student, 4 steps" and f"| {rows[2]['toy_fid']:.2f} | {student:.2f}x |" in report

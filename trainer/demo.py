@@ -24,6 +24,7 @@ from trainer.errors import DMD2Error
 from trainer.export import save_safetensors_atomic, with_lora
 from trainer.files import write_text_atomic
 from trainer.toy.digits import PROMPT_TEMPLATES, all_prompts, load_digits_32, prompt_for
+from trainer.toy.recipes import DEMO_RECIPES, ONE_STEP
 from trainer.toy.rows import Row, sample_row
 
 
@@ -65,23 +66,21 @@ def comparison_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
     return out
 
 
-# The 1-step student on top of demo.yaml: DMD2's 1-step recipe (pure noise in, one step), with the noise read at
-# t = 599 rather than DMD2's 399. On the small teachers 599 trains faster and ends level or far better (NOTES.md
-# points 13, 51 and 52); the LoRA records it, so `dmd2 generate` and the nodes' "from LoRA" choice sample it there.
-ONE_STEP = ["student.timesteps=[599]"]
-
-
-def demo_configs(out: Path, overrides: Sequence[str] = ()):
-    """The 4-step student's config (demo.yaml + ``overrides``, trained into ``out/run``) and the 1-step student's."""
+def demo_configs(out: Path, overrides: Sequence[str] = (), recipe: str = "demo"):
+    """The 4-step student's config (demo.yaml + the recipe's + ``overrides``, trained into ``out/run``) and the 1-step
+    student's (``run-1step``; the recipe's, ``overrides``, then its one timestep)."""
     from trainer.toy.teacher import teacher_path
 
+    if recipe not in DEMO_RECIPES:
+        raise DMD2Error(f"unknown demo recipe {recipe!r}: choose one of {', '.join(DEMO_RECIPES)}")
+    four_step, one_step = DEMO_RECIPES[recipe]
     prompts, images = write_demo_data(out / "data")
 
     def config(run: str, extra: list[str]):
         base = {"model": str(teacher_path()), "prompts": str(prompts), "images": str(images), "output_dir": str(out / run)}
-        return load_config(demo_config_path(), [*overrides, *extra], base=base).validate()
+        return load_config(demo_config_path(), extra, base=base).validate()
 
-    return config("run", []), config("run-1step", ONE_STEP)
+    return config("run", [*four_step, *overrides]), config("run-1step", [*one_step, *overrides, *ONE_STEP])
 
 
 def demo_rows(cfg, cfg_one) -> list[Row]:
@@ -109,7 +108,8 @@ def evaluate_rows(rows: list[tuple[Row, object]], cfg, n: int) -> list[dict]:
     return results
 
 
-def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), eval_images: int = 1000) -> Path:
+def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), eval_images: int = 1000,
+             recipe: str = "demo") -> Path:
     """Train the 4-step student (the demo's LoRA, in ``out_dir``) and a 1-step student (in ``out_dir/run-1step/``),
     then compare both with the teacher; returns the 4-step LoRA. On a CPU with 2+ threads the work is split between two
     processes (`_in_two_processes`); on a GPU (or one thread) it all runs here, one after the other."""
@@ -117,7 +117,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
     from trainer.train import train
 
     out = Path(out_dir)
-    cfg, cfg_one = demo_configs(out, overrides)
+    cfg, cfg_one = demo_configs(out, overrides, recipe)
     rows = demo_rows(cfg, cfg_one)
     if torch.cuda.is_available() or torch.get_num_threads() < 2:
         t0 = time.perf_counter()
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
         models = {student: with_lora(teacher, final_lora)[0], student_one: with_lora(teacher, lora_one)[0]}
         results = evaluate_rows([(row, models.get(row, teacher)) for row in rows], cfg, eval_images)
     else:
-        final_lora, lora_one, results, train_seconds, how = _in_two_processes(cfg, cfg_one, rows, out, overrides, eval_images)
+        final_lora, lora_one, results, train_seconds, how = _in_two_processes(cfg, cfg_one, rows, out, overrides, eval_images, recipe)
     for r in results:
         print(f"  {r['name']:<20} toy FID {r['toy_fid']:7.2f}  accuracy {r['accuracy']:.3f}  "
               f"diversity {r['diversity']:.3f}  {r['seconds_per_image'] * 1000:.1f} ms/image")
@@ -139,12 +139,12 @@ def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = ()
     scores = [{k: v for k, v in r.items() if k != "images"} for r in results]
     write_text_atomic(out / "results.json", json.dumps(scores, indent=2))
     report = write_text_atomic(out / "report.md", _report(cfg, cfg_one, scores, train_seconds, how, final_lora.name,
-                                                          lora_one.relative_to(out), eval_images))
+                                                          lora_one.relative_to(out), eval_images, recipe))
     print(f"wrote {report}, {grid_path} and {final_lora.name}")
     return final_lora
 
 
-def _in_two_processes(cfg, cfg_one, rows: list[Row], out: Path, overrides: Sequence[str], eval_images: int):
+def _in_two_processes(cfg, cfg_one, rows: list[Row], out: Path, overrides: Sequence[str], eval_images: int, recipe: str):
     """The demo on a CPU with 2+ threads (torch's count, which follows OMP_NUM_THREADS), in two processes on half the
     threads each: the toy's small convolutions leave most of a second thread idle, so the 4-step student trains about
     as fast on one thread as on two (benchmarks/toy/NOTES.md, points 42 and 66). This one trains the 4-step student and
@@ -160,7 +160,7 @@ def _in_two_processes(cfg, cfg_one, rows: list[Row], out: Path, overrides: Seque
     rows_file, log = out / "second-process-rows.safetensors", out / "run-1step.log"
     write_text_atomic(out / "run-1step.yaml", dump_yaml(cfg_one))  # the 1-step student's config, for `dmd2 train`
     argv = [sys.executable, "-m", "trainer", "demo", "--out", str(out), *(a for o in overrides for a in ("--set", o)),
-            "--eval-images", str(eval_images), "--second-process", str(rows_file)]
+            "--recipe", recipe, "--eval-images", str(eval_images), "--second-process", str(rows_file)]
     t0 = time.perf_counter()
     proc = start_logged(argv, log, theirs)
     print(f"training the 1-step student in a second process (log: {log})", flush=True)
@@ -191,13 +191,14 @@ def _in_two_processes(cfg, cfg_one, rows: list[Row], out: Path, overrides: Seque
     return final_lora, lora_one, [by_name[row.name] for row in rows], max(train_seconds, their_seconds), how
 
 
-def second_process(out_dir: str | Path, overrides: Sequence[str], eval_images: int, rows_file: str | Path) -> None:
+def second_process(out_dir: str | Path, overrides: Sequence[str], eval_images: int, rows_file: str | Path,
+                   recipe: str = "demo") -> None:
     """The demo's second CPU process (`dmd2 demo ... --second-process FILE`): train the 1-step student, sample and
     score it and the teacher at 50 steps, and write their scores, first images and the training time to ``rows_file``."""
     from trainer.models.loading import load_sdxl
     from trainer.train import train
 
-    cfg, cfg_one = demo_configs(Path(out_dir), overrides)
+    cfg, cfg_one = demo_configs(Path(out_dir), overrides, recipe)
     teacher_50, _, _, student_one, _ = demo_rows(cfg, cfg_one)
     t0 = time.perf_counter()
     lora_one = _trained(train(cfg_one))
@@ -246,20 +247,25 @@ def _trained(lora: Path | None) -> Path:
     return lora
 
 
-def _report(cfg, cfg_one, results: list[dict], train_seconds: float, how: str, lora_name: str, lora_one: Path, n: int) -> str:
+def _report(cfg, cfg_one, results: list[dict], train_seconds: float, how: str, lora_name: str, lora_one: Path, n: int,
+            recipe: str) -> str:
     lines = [
         "# comfy-dmd2 demo: the toy digits teacher distilled into a 4-step and a 1-step LoRA", "",
-        f"- LoRA: `{lora_name}` (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {cfg.steps} iterations, student timesteps "
-        f"{list(cfg.student.timesteps)}); the 1-step student (timestep {cfg_one.student.timesteps[0]}, the same config otherwise): "
-        f"`{lora_one.as_posix()}`",
+        f"- LoRA: `{lora_name}` (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {cfg.steps:,} iterations, student timesteps "
+        f"{list(cfg.student.timesteps)}); the 1-step student ({cfg_one.steps:,} iterations, timestep {cfg_one.student.timesteps[0]}): "
+        f"`{lora_one.as_posix()}`; recipe: {recipe} (`dmd2 demo --recipe`), each student's whole config in its run folder's "
+        "config.yaml",
         f"- training time: {train_seconds / 60:.1f} min for both students, {how}",
         f"- evaluation: {n} images per row, digits 0-9 cycled, prompt \"a handwritten digit <word>\", the same seeds in every row; "
         "toy FID = Fréchet distance on the digit classifier's penultimate features against all 1,797 real digits; "
         "accuracy = classifier agrees with the prompted digit; diversity = within-prompt feature spread relative to the real digits'.",
-        "", "| row | steps | CFG | toy FID | accuracy | diversity | ms / image |", "|---|---:|---:|---:|---:|---:|---:|",
+        "", "| row | steps | CFG | toy FID | FID / teacher 50 steps | accuracy | diversity | ms / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    reference = results[0]["toy_fid"]  # the teacher at 50 steps (demo_rows' first row)
     for r in results:
-        lines.append(f"| {r['name']} | {r['steps']} | {r['cfg']:g} | {r['toy_fid']:.2f} | {r['accuracy']:.3f} | {r['diversity']:.3f} | "
+        lines.append(f"| {r['name']} | {r['steps']} | {r['cfg']:g} | {r['toy_fid']:.2f} | {r['toy_fid'] / reference:.2f}x | "
+                     f"{r['accuracy']:.3f} | {r['diversity']:.3f} | "
                      f"{r['seconds_per_image'] * 1000:.1f} |")
     lines += ["", "![teacher 50 steps | teacher 4 steps | student 4 steps | student 1 step](grid.png)", ""]
     return "\n".join(lines)

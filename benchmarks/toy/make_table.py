@@ -40,13 +40,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import TrainConfig, dump_yaml, load_config  # noqa: E402
-from trainer.demo import ONE_STEP, demo_config_path, last_error, start_logged, trained_or_exit, write_demo_data  # noqa: E402
+from trainer.demo import demo_config_path, last_error, start_logged, trained_or_exit, write_demo_data  # noqa: E402
 from trainer.errors import DMD2Error  # noqa: E402
 from trainer.export import read_lora, with_lora  # noqa: E402
 from trainer.files import write_text_atomic  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator, images_per_row  # noqa: E402
+from trainer.toy.recipes import LONG_FOUR_STEP, LONG_RECIPE, ONE_STEP, ONE_STEP_LONG  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 
@@ -62,18 +63,6 @@ def load_evaluators() -> dict[str, ToyEvaluator]:
     """The committed classifier ("committed") and the second opinions (by SECOND_OPINION_NAMES), in that order."""
     return {"committed": ToyEvaluator.load(), **{name: ToyEvaluator.load(path) for name, path in zip(SECOND_OPINION_NAMES, SECOND_OPINION)}}
 
-# The 4-step student trained 6x the demo's iterations: its first step's pure noise read at t = 799, a cosine LR (at
-# demo.yaml's constant LR a run this long sharpens and at some training seeds collapses past 3,600 iterations, NOTES.md
-# points 57, 59-60), the mean of its weights over the last third of the run, as the 1-step student's, and a critic
-# that weighs its GAN loss 4x demo.yaml's 0.05 (gan.critic_weight=0.2, as much as the student does; DMD2 weighs the
-# critic's twice the student's): on the second teacher that holds the student's prompt accuracy at three training
-# seeds, where 0.05 loses 3.5 points on average, and on the bundled one it keeps the FID level (1.04-1.12x the
-# teacher-50 row at three training seeds, 0.05: 1.06-1.12x; NOTES.md points 61, 68). The student's update draws 64
-# samples (student.batch_size=64, the critic's 16): 0.94-0.96x at three training seeds against batch 16's 1.04-1.12x,
-# for 1.4x the training time (NOTES.md points 77, 80). Its ablations share it, so each compares like with like.
-LONG_RECIPE = ["student.timesteps=[799,599,399,199]", "steps=7200", "checkpoint_every=1200", "optim.lr_schedule=cosine",
-               "student.average_from=4800", "student.batch_size=64"]
-LONG_FOUR_STEP = [*LONG_RECIPE, "gan.critic_weight=0.2"]
 # A whole UNet copy learns faster than a LoRA at the same LR: at demo.yaml's 2e-3 the full critic collapses the
 # student's styles (diversity 0.92, FID 2.32 over checkpoints); at 5e-4 (the GAN head kept at 2e-3) it is level with
 # the LoRA critic or slightly worse, which is the comparison worth a row (NOTES.md point 32).
@@ -84,13 +73,9 @@ STUDENTS = {
     "student-4": ("student 4-step", 4, []),
     "student-4-long": ("student 4-step, long recipe", 4, LONG_FOUR_STEP),
     "student-2": ("student 2-step", 2, ["student.timesteps=2"]),
-    # DMD2 trains its 1-step generators far longer than its few-step ones. Here the 1-step student (the demo's recipe)
-    # gets 9x the demo's iterations: from 3x to 6x it still improves on both toy teachers (bundled, three seeds: mean
-    # FID 1.63 -> 1.27; NOTES.md points 53-54), and from 6x to 9x the bundled one drifts around that level (1.15-1.56
-    # per checkpoint, point 55). The mean of its weights over those last 3,600 iterations beats every checkpoint, at
-    # three training seeds and on the second teacher too (point 56), so that mean is the row's LoRA. `--steps` wins,
-    # and the mean then covers the same share of the run.
-    "student-1": ("student 1-step", 1, [*ONE_STEP, "steps=10800", "checkpoint_every=1200", "student.average_from=7200"]),
+    # the demo's 1-step recipe trained 9x as long, with the mean of its weights (trainer/toy/recipes.py); `--steps`
+    # wins, and the mean then covers the same share of the run
+    "student-1": ("student 1-step", 1, [*ONE_STEP, *ONE_STEP_LONG]),
     "no-gan": ("4-step, without GAN loss", 4, ["gan.real_data=none"]),
     "no-backsim": ("4-step, without backward simulation", 4, ["student.backward_simulation=false"]),
     "full-critic": ("4-step, full critic (critic LR 5e-4) instead of LoRA critic", 4, FULL_CRITIC),
