@@ -111,8 +111,9 @@ def evaluate_rows(rows: list[tuple[Row, object]], cfg, n: int) -> list[dict]:
 def run_demo(out_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), eval_images: int = 1000,
              recipe: str = "demo") -> Path:
     """Train the 4-step student (the demo's LoRA, in ``out_dir``) and a 1-step student (in ``out_dir/run-1step/``),
-    then compare both with the teacher; returns the 4-step LoRA. On a CPU with 2+ threads the work is split between two
-    processes (`_in_two_processes`); on a GPU (or one thread) it all runs here, one after the other."""
+    then compare both with the teacher; returns the 4-step LoRA. ``recipe`` names the students' overrides on top of
+    demo.yaml (``trainer.toy.recipes.DEMO_RECIPES``). On a CPU with 2+ threads the work is split between two processes
+    (`_in_two_processes`); on a GPU (or one thread) it all runs here, one after the other."""
     from trainer.models.loading import load_sdxl
     from trainer.train import train
 

@@ -1,5 +1,7 @@
 """The toy students' recipes: config overrides on top of ``trainer/toy/demo.yaml``, shared by ``dmd2 demo --recipe``
-and the quality table (``benchmarks/toy/make_table.py``), so the demo's LoRAs are the table's rows' LoRAs."""
+and the quality table (``benchmarks/toy/make_table.py``), so the demo trains what the table's rows train: the default
+recipe's 4-step student is the "student 4-step" row's, and ``--recipe long``'s two students are the "student 4-step,
+long recipe" and "student 1-step" rows'."""
 from __future__ import annotations
 
 # DMD2's 1-step recipe (pure noise in, one step), with the noise read at t = 599 rather than DMD2's 399. On the small
