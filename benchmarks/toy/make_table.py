@@ -68,7 +68,8 @@ def load_evaluators() -> dict[str, ToyEvaluator]:
 # the LoRA critic or slightly worse, which is the comparison worth a row (NOTES.md point 32).
 FULL_CRITIC = ["critic=full", "dmd.critic_lr=5e-4", "gan.head_lr=2e-3"]
 
-# id -> (row name, sampling steps, config overrides on top of demo.yaml)
+# id -> (row name, sampling steps, config overrides on top of demo.yaml). The long recipe's ablations share its
+# overrides (trainer/toy/recipes.py), so each compares like with like.
 STUDENTS = {
     "student-4": ("student 4-step", 4, []),
     "student-4-long": ("student 4-step, long recipe", 4, LONG_FOUR_STEP),

@@ -25,8 +25,8 @@ LONG_RECIPE = ["student.timesteps=[799,599,399,199]", "steps=7200", "checkpoint_
                "student.average_from=4800", "student.batch_size=64"]
 # ... and a critic that weighs its GAN loss 4x demo.yaml's 0.05 (gan.critic_weight=0.2, as much as the student does;
 # DMD2 weighs the critic's twice the student's): on the second teacher that holds the student's prompt accuracy at
-# three training seeds, where 0.05 loses 3.5 points on average, and on the bundled one it keeps the FID level (1.04-1.12x
-# the teacher-50 row at three training seeds, 0.05: 1.06-1.12x; NOTES.md points 61, 68).
+# three training seeds, where 0.05 loses 3.5 points on average, and on the bundled one it keeps the FID level
+# (1.04-1.12x the teacher-50 row at three training seeds, 0.05: 1.06-1.12x; NOTES.md points 61, 68).
 LONG_FOUR_STEP = [*LONG_RECIPE, "gan.critic_weight=0.2"]
 
 # `dmd2 demo --recipe NAME`: (the 4-step student's overrides, the 1-step student's besides ONE_STEP)
