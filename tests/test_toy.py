@@ -44,6 +44,26 @@ def test_frechet_distance_matches_closed_form():
     assert abs(frechet_distance([0.0] * 5, cov, [0.0] * 5, cov)) < 1e-8
 
 
+def test_target_checks_hold_at_their_thresholds_and_fail_past_them():
+    """Issue 4's targets as the demo's report and the quality table judge them: 1.1x and 1.5x the teacher-50 row's toy
+    FID (inclusive), prompt accuracy at most 2 points under it, and better than the teacher at the same steps."""
+    from trainer.toy.targets import checks_table, few_step_checks, one_step_checks
+
+    t50, t4, t1 = {"toy_fid": 1.0, "accuracy": 0.96}, {"toy_fid": 2.0, "accuracy": 0.97}, {"toy_fid": 10.0, "accuracy": 0.98}
+    met = lambda checks: [c.met for c in checks]  # noqa: E731
+    assert met(few_step_checks({"toy_fid": 1.1, "accuracy": 0.94}, t50, t4)) == [True, True, True]
+    assert met(few_step_checks({"toy_fid": 1.11, "accuracy": 0.939}, t50, t4)) == [False, False, True]
+    assert met(few_step_checks({"toy_fid": 2.0, "accuracy": 0.99}, t50, t4)) == [False, True, False]
+    assert met(one_step_checks({"toy_fid": 1.5, "accuracy": 0.5}, t50, t1)) == [True, True]
+    assert met(one_step_checks({"toy_fid": 10.5, "accuracy": 0.9}, t50, t1)) == [False, False]
+    two_step = few_step_checks({"toy_fid": 1.37, "accuracy": 0.957}, t50, t4, "student 2-step", steps=2)
+    assert two_step[0] == ("student 2-step FID <= 1.1x teacher-50 (1.10)", "1.37 (1.37x)", False)
+    assert two_step[1].measured == "0.957 (-0.3 points)" and two_step[2].target == "student 2-step better than teacher 2 steps (2.00)"
+    assert checks_table(two_step)[2:] == ["| student 2-step FID <= 1.1x teacher-50 (1.10) | 1.37 (1.37x) | no |",
+                                          "| student 2-step accuracy within 2 points of teacher-50 (0.960) | 0.957 (-0.3 points) | yes |",
+                                          "| student 2-step better than teacher 2 steps (2.00) | 1.37 | yes |"]
+
+
 def test_evaluator_on_held_out_real_digits(evaluator):
     images, labels = load_digits_32()
     _, held = split_indices()
@@ -154,6 +174,12 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "| teacher, 50 steps |" in report and "| student, 4 steps |" in report and "| student, 1 step |" in report
     assert "grid.png" in report and "run-1step/" + one_step[0].name in report
+    # the targets, judged on the report's own rows: the 4-step student against the teacher at 50 and at 4 steps
+    ratio, missed = rows[2]["toy_fid"] / rows[0]["toy_fid"], rows[2]["toy_fid"] > 1.1 * rows[0]["toy_fid"]
+    assert f"| student 4-step FID <= 1.1x teacher-50 ({1.1 * rows[0]['toy_fid']:.2f}) | {rows[2]['toy_fid']:.2f} ({ratio:.2f}x) | " \
+           f"{'no' if missed else 'yes'} |" in report
+    assert f"| student 1-step better than teacher 1 step ({rows[4]['toy_fid']:.2f}) | {rows[3]['toy_fid']:.2f} |" in report
+    assert ("Why the misses" in report) == ("| no |" in report) and (not missed or "`dmd2 demo --recipe long`" in report)
     assert "dmd2" in result.stderr  # the progress bar
     if torch.get_num_threads() >= 2:  # as the demo's process counts them (it inherits this environment)
         assert "side by side in two processes" in report and "LoRA: " in (out / "run-1step.log").read_text()
@@ -290,3 +316,4 @@ def test_demo_cli_long_recipe_shortened(tmp_path):
     rows = json.loads((out / "results.json").read_text())
     student = rows[2]["toy_fid"] / rows[0]["toy_fid"]  # the report's ratio column: to the teacher at 50 steps
     assert rows[2]["name"] == "student, 4 steps" and f"| {rows[2]['toy_fid']:.2f} | {student:.2f}x |" in report
+    assert "## Targets" in report and "`dmd2 demo --recipe long`" not in report  # the default recipe's pointer only

@@ -49,6 +49,7 @@ from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator, images_per_row  # noqa: E402
 from trainer.toy.recipes import LONG_FOUR_STEP, LONG_RECIPE, ONE_STEP, ONE_STEP_LONG  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
+from trainer.toy.targets import few_step_checks, one_step_checks  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
 
 CFG_SWEEP = (1.25, 1.5, 2.0, 3.0)  # the committed teacher evaluation (teacher_results.json) sweeps 1..6
@@ -434,12 +435,7 @@ def target_checks(rows: list[dict], scores=lambda r: r) -> list[tuple[str, str, 
     for sid, suffix, recipe in FOUR_STEP_RECIPES:
         s4 = by[STUDENTS[sid][0]]
         ablation = lambda name, suffix=suffix: by[STUDENTS[name + suffix][0]]  # noqa: E731
-        checks += [
-            (f"student 4-step ({recipe}) FID <= 1.1x teacher-50 ({1.1 * fid(t50):.2f})", f"{fid(s4):.2f} ({fid(s4) / fid(t50):.2f}x)",
-             fid(s4) <= 1.1 * fid(t50)),
-            (f"student 4-step ({recipe}) accuracy within 2 points of teacher-50 ({t50['accuracy']:.3f})",
-             f"{s4['accuracy']:.3f} ({100 * (s4['accuracy'] - t50['accuracy']):+.1f} points)", s4["accuracy"] >= t50["accuracy"] - 0.02),
-            (f"student 4-step ({recipe}) better than teacher 4 steps ({fid(t4):.2f})", f"{fid(s4):.2f}", fid(s4) < fid(t4)),
+        checks += few_step_checks(s4, t50, t4, f"student 4-step ({recipe})") + [
             (f"({recipe}) without the GAN loss worse than the full method", f"{fid(ablation('no-gan')):.2f} vs {fid(s4):.2f}",
              fid(ablation("no-gan")) > fid(s4)),
             (f"(paper, {recipe}) without backward simulation worse", f"{fid(ablation('no-backsim')):.2f} vs {fid(s4):.2f}",
@@ -447,10 +443,7 @@ def target_checks(rows: list[dict], scores=lambda r: r) -> list[tuple[str, str, 
             (f"(paper, {recipe}) LoRA critic no worse than a full critic", f"{fid(s4):.2f} vs {fid(ablation('full-critic')):.2f} (full)",
              fid(s4) <= fid(ablation("full-critic"))),
         ]
-    return checks + [
-        (f"student 1-step FID <= 1.5x teacher-50 ({1.5 * fid(t50):.2f})", f"{fid(s1):.2f} ({fid(s1) / fid(t50):.2f}x)", fid(s1) <= 1.5 * fid(t50)),
-        (f"student 1-step better than teacher 1 step ({fid(t1):.2f})", f"{fid(s1):.2f}", fid(s1) < fid(t1)),
-    ]
+    return checks + one_step_checks(s1, t50, t1)
 
 
 if __name__ == "__main__":
