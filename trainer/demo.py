@@ -276,9 +276,9 @@ def _report(cfg, cfg_one, results: list[dict], train_seconds: float, how: str, l
     lines += ["", "## Targets (the DMD2 paper's claim in miniature, at this report's one sampling seed)", "",
               *checks_table(checks)]
     if not all(c.met for c in checks):
-        lines += ["", "Why the misses: benchmarks/toy/NOTES.md. " + (
-            "The default recipe is sized for a 10-minute demo on a 2-core CPU; on the bundled teacher the targets take about "
-            "6x its training for the 4-step student and 9x for the 1-step one (`dmd2 demo --recipe long`; points 66 and 87)."
+        lines += ["", "Why the misses: benchmarks/toy/NOTES.md." + (
+            " The default recipe is sized for a 10-minute demo on a 2-core CPU; on the bundled teacher the targets take about"
+            " 6x its training for the 4-step student and 9x for the 1-step one (`dmd2 demo --recipe long`; points 66 and 87)."
             if recipe == "demo" else "")]
     lines += ["", "![teacher 50 steps | teacher 4 steps | student 4 steps | student 1 step](grid.png)", ""]
     return "\n".join(lines)
