@@ -180,6 +180,7 @@ def test_demo_cli_writes_lora_grid_and_report(tmp_path):
            f"{'no' if missed else 'yes'} |" in report
     assert f"| student 1-step better than teacher 1 step ({rows[4]['toy_fid']:.2f}) | {rows[3]['toy_fid']:.2f} |" in report
     assert ("Why the misses" in report) == ("| no |" in report) and (not missed or "`dmd2 demo --recipe long`" in report)
+    assert not missed or "`dmd2 demo --recipe long`: 7,200 and 10,800 iterations against this run's 10 and 10;" in report
     assert "dmd2" in result.stderr  # the progress bar
     if torch.get_num_threads() >= 2:  # as the demo's process counts them (it inherits this environment)
         assert "side by side in two processes" in report and "LoRA: " in (out / "run-1step.log").read_text()
@@ -290,6 +291,8 @@ def test_demo_long_recipe_trains_the_tables_rows(tmp_path):
     assert make_table.trained_config(long_one) == table("student-1")
     assert make_table.trained_config(demo.demo_configs(tmp_path / "demo")[0]) == table("student-4")
     assert table("student-4-long")["steps"] == 7200 and table("student-1")["steps"] == 10800  # not demo.yaml's 1,200
+    # `--steps` keeps the 1-step row's weight mean over the same share (its last third) of a shorter run
+    assert make_table.with_steps(make_table.STUDENTS["student-1"][2], 1200)[-2:] == ["steps=1200", "student.average_from=800"]
     with pytest.raises(DMD2Error, match="unknown demo recipe 'longer': choose one of demo, long"):
         demo.demo_configs(tmp_path / "demo", recipe="longer")
 

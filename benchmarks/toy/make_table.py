@@ -47,7 +47,7 @@ from trainer.files import write_text_atomic  # noqa: E402
 from trainer.models.hashing import content_hash  # noqa: E402
 from trainer.models.loading import load_sdxl  # noqa: E402
 from trainer.toy.evaluate import ToyEvaluator, images_per_row  # noqa: E402
-from trainer.toy.recipes import LONG_FOUR_STEP, LONG_RECIPE, ONE_STEP, ONE_STEP_LONG  # noqa: E402
+from trainer.toy.recipes import LONG_FOUR_STEP, LONG_RECIPE, ONE_STEP, ONE_STEP_LONG, override  # noqa: E402
 from trainer.toy.rows import Row, sample_row  # noqa: E402
 from trainer.toy.targets import few_step_checks, one_step_checks  # noqa: E402
 from trainer.toy.teacher import teacher_path  # noqa: E402
@@ -102,10 +102,9 @@ def student_config(sid: str, work: Path, data: tuple[Path, Path], steps: int | N
 def with_steps(overrides: list[str], steps: int) -> list[str]:
     """A row's overrides for ``steps`` iterations (`--steps`): its own ``steps=`` goes, and an averaging window
     (``student.average_from``) keeps its share of the run."""
-    own = dict(o.split("=", 1) for o in overrides)
     out = [o for o in overrides if not o.startswith(("steps=", "student.average_from="))] + [f"steps={steps}"]
-    if "student.average_from" in own:
-        out.append(f"student.average_from={int(own['student.average_from']) * steps // int(own['steps'])}")
+    if (average_from := override(overrides, "student.average_from")) is not None:
+        out.append(f"student.average_from={int(average_from) * steps // int(override(overrides, 'steps'))}")
     return out
 
 

@@ -34,3 +34,8 @@ DEMO_RECIPES = {
     "demo": ([], []),  # demo.yaml as it is: both students in about 5 minutes on a 2-core CPU
     "long": (LONG_FOUR_STEP, ONE_STEP_LONG),  # the table's "student 4-step, long recipe" and "student 1-step" rows
 }
+
+
+def override(overrides: list[str], key: str) -> str | None:
+    """The value a list of ``key=value`` overrides sets for ``key`` (the last one wins, as in ``load_config``), or None."""
+    return dict(o.split("=", 1) for o in overrides).get(key)

@@ -31,13 +31,13 @@ def few_step_checks(student: dict, teacher_50: dict, teacher_same_steps: dict, n
     ]
 
 
-def one_step_checks(student: dict, teacher_50: dict, teacher_1: dict, name: str = "student 1-step") -> list[Check]:
+def one_step_checks(student: dict, teacher_50: dict, teacher_1: dict) -> list[Check]:
     """The 1-step student's two targets."""
     fid, t50, t1 = student["toy_fid"], teacher_50["toy_fid"], teacher_1["toy_fid"]
     return [
-        Check(f"{name} FID <= {ONE_STEP_FID_RATIO}x teacher-50 ({ONE_STEP_FID_RATIO * t50:.2f})", f"{fid:.2f} ({fid / t50:.2f}x)",
+        Check(f"student 1-step FID <= {ONE_STEP_FID_RATIO}x teacher-50 ({ONE_STEP_FID_RATIO * t50:.2f})", f"{fid:.2f} ({fid / t50:.2f}x)",
               fid <= ONE_STEP_FID_RATIO * t50),
-        Check(f"{name} better than teacher 1 step ({t1:.2f})", f"{fid:.2f}", fid < t1),
+        Check(f"student 1-step better than teacher 1 step ({t1:.2f})", f"{fid:.2f}", fid < t1),
     ]
 
 
